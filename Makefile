@@ -1,0 +1,49 @@
+# `make run` and `make test` set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout psql token clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/replicator serve
+
+# Debian packages the tests drive: Chromium for the browser tests, the PostgreSQL 15 server
+# (the second version under test) and its wal2json plugin.
+system-deps:
+	@scripts/system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check replicator tests benchmarks
+	$(BIN)/ruff format --check replicator tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench-decode: $(STAMP)
+	$(BIN)/python benchmarks/decode.py
+
+bench-fanout: $(STAMP)
+	$(BIN)/python benchmarks/fanout.py
+
+psql:
+	@psql "$$(cat .replicator/dsn 2>/dev/null || echo 'postgresql://postgres@127.0.0.1:5432/postgres')"
+
+token: $(STAMP)
+	@$(BIN)/replicator token $(or $(USER_ID),11111111-1111-1111-1111-111111111111)
+
+clean:
+	rm -rf $(VENV) .replicator .pytest_cache .mypy_cache .ruff_cache

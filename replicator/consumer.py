@@ -1,0 +1,287 @@
+"""The replication consumer: start-up in the exported snapshot, streaming, reconnects, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import psycopg
+
+from replicator.badges import Applier, BadgeState
+from replicator.errors import (
+    DatabaseSetupError,
+    ReplicationLost,
+    ReplicatorError,
+    SlotInUseError,
+)
+from replicator.lsn import format_lsn
+from replicator.replication import ReplicationConnection
+from replicator.snapshot import (
+    check_publication,
+    clear_leftover_slot,
+    drop_slot,
+    read_initial_state,
+)
+from replicator.wire import Keepalive, pg_time_to_unix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """1 s, doubling, capped, each wait jittered by ±10 %."""
+
+    initial: float = 1.0
+    cap: float = 30.0
+    _next: float = 0.0
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def next(self) -> float:
+        self._next = self.initial if not self._next else min(self._next * 2, self.cap)
+        return self._next * random.uniform(0.9, 1.1)
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    dsn: str
+    slot: str = "replicator"
+    publication: str = "badges"
+    schema: str = "public"
+    status_interval: float = 10.0
+    #: seconds without draining the socket after which the stream no longer counts as caught up
+    caught_up_window: float = 5.0
+
+
+class Consumer:
+    """Keeps a ``BadgeState`` equal to the database as of the last applied commit.
+
+    ``on_commit(lsn, users)`` is called after each transaction that changed users' counts,
+    and after a fresh snapshot replaced the state; ``on_live(live)`` when streaming starts
+    or stops.
+    """
+
+    def __init__(
+        self,
+        options: ConsumerOptions,
+        *,
+        on_commit: Callable[[int, set[str]], None] | None = None,
+        on_live: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.state = BadgeState()
+        self._on_commit = on_commit
+        self._on_live = on_live
+        self.applier = Applier(self.state, schema=options.schema, on_commit=on_commit)
+        self.live = False
+        self.error: str | None = None
+        self.snapshot_seconds = 0.0
+        self.snapshot_rows = 0
+        self.started_at = time.monotonic()
+        self.reconnects = 0
+        self.snapshots = 0
+        self._repl: ReplicationConnection | None = None
+        self._slot_created = False
+
+    # -- status ----------------------------------------------------------------------------
+
+    @property
+    def applied_lsn(self) -> int:
+        return self.applier.applied_lsn
+
+    @property
+    def server_wal_end(self) -> int:
+        return self._repl.server_wal_end if self._repl is not None else 0
+
+    def lag_bytes(self) -> int:
+        return max(0, self.server_wal_end - self.applier.applied_lsn)
+
+    def lag_seconds(self) -> float:
+        if not self.lag_bytes() or not self.applier.last_commit_time:
+            return 0.0
+        return max(0.0, time.time() - pg_time_to_unix(self.applier.last_commit_time))
+
+    def caught_up(self) -> bool:
+        repl = self._repl
+        if not self.live or repl is None:
+            return False
+        return time.monotonic() - repl.idle_at < self.options.caught_up_window
+
+    def _set_live(self, live: bool) -> None:
+        if live != self.live:
+            self.live = live
+            if self._on_live is not None:
+                self._on_live(live)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stream until cancelled; reconnect on connection loss; raise on fatal errors."""
+        backoff = Backoff()
+        fresh = True
+        while True:
+            try:
+                if fresh:
+                    await self._start_fresh()
+                    fresh = False
+                else:
+                    await self._resume()
+                backoff.reset()
+                self._set_live(True)
+                assert self._repl is not None
+                await self._repl.stream(
+                    self._on_xlogdata,
+                    self._on_keepalive,
+                    lambda: self.applier.applied_lsn,
+                    status_interval=self.options.status_interval,
+                )
+            except (ReplicationLost, psycopg.OperationalError) as exc:
+                self._set_live(False)
+                await self._close_repl()
+                wait = backoff.next()
+                logger.warning("%s; retrying in %.1f s", _one_line(exc), wait)
+                self.reconnects += 1
+                await anyio.sleep(wait)
+            except SlotMissing as exc:
+                self._set_live(False)
+                await self._close_repl()
+                logger.error("%s; starting afresh with a new snapshot", exc)
+                fresh = True
+                await anyio.sleep(backoff.next())
+            except ReplicatorError as exc:
+                self.error = str(exc)
+                self._set_live(False)
+                await self._close_repl()
+                raise
+
+    async def _start_fresh(self) -> None:
+        opts = self.options
+        async with await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True) as admin:
+            await check_publication(admin, opts.publication, opts.schema)
+            await clear_leftover_slot(admin, opts.slot)
+        repl = await ReplicationConnection.open(opts.dsn)
+        self._repl = repl
+        started = time.monotonic()
+        consistent_point, snapshot = await repl.create_slot(opts.slot, "pgoutput")
+        self._slot_created = True
+        state = BadgeState()
+        # The exported snapshot dies with the replication connection's next command, so it
+        # is read now, before START_REPLICATION.
+        async with await psycopg.AsyncConnection.connect(opts.dsn) as conn:
+            rows = await read_initial_state(conn, snapshot, opts.schema, state)
+        state.lsn = consistent_point
+        self.snapshot_seconds = time.monotonic() - started
+        self.snapshot_rows = rows
+        self.snapshots += 1
+        logger.info(
+            "snapshot at %s: %d users, %d (user, counterpart) counts in %.3f s",
+            format_lsn(consistent_point),
+            len(state.users),
+            rows,
+            self.snapshot_seconds,
+        )
+        self._replace_state(state, consistent_point)
+        await self._start_streaming(consistent_point, first=True)
+
+    def _replace_state(self, state: BadgeState, lsn: int) -> None:
+        old = self.state
+        changed = {u for u in old.users.keys() | state.users.keys() if old.view(u) != state.view(u)}
+        self.state = state
+        self.applier = Applier(state, schema=self.options.schema, on_commit=self._on_commit)
+        self.applier.applied_lsn = lsn
+        if changed and self._on_commit is not None:
+            self._on_commit(lsn, changed)
+
+    async def _resume(self) -> None:
+        self._repl = await ReplicationConnection.open(self.options.dsn)
+        await self._start_streaming(self.applier.applied_lsn, first=False)
+        logger.info("replication resumed at %s", format_lsn(self.applier.applied_lsn))
+
+    async def _start_streaming(self, lsn: int, *, first: bool) -> None:
+        assert self._repl is not None
+        options = {
+            "proto_version": "1",
+            "publication_names": self.options.publication,
+            "messages": "true",
+        }
+        try:
+            await self._repl.start(self.options.slot, lsn, options)
+        except SlotInUseError:
+            if first:
+                raise
+            # Most likely our own previous walsender, which has not noticed it lost us yet.
+            raise ReplicationLost(
+                f"replication slot {self.options.slot!r} is still held by an earlier connection"
+            ) from None
+        except DatabaseSetupError as exc:
+            if not first and "does not exist" in str(exc):
+                raise SlotMissing(f"replication slot {self.options.slot!r} is gone") from exc
+            raise
+
+    def _on_xlogdata(self, payload: memoryview, lsn: int) -> None:
+        self.applier.apply(payload, lsn)
+
+    def _on_keepalive(self, keepalive: Keepalive) -> None:
+        # Between transactions, everything that committed before wal_end has reached us.
+        self.applier.advance(keepalive.wal_end)
+
+    async def _close_repl(self) -> None:
+        if self._repl is not None:
+            repl, self._repl = self._repl, None
+            with anyio.move_on_after(2, shield=True):
+                await repl.close()
+
+    async def shutdown(self) -> None:
+        """Close the stream and drop the slot, so a stopped service never holds WAL."""
+        self._set_live(False)
+        with anyio.move_on_after(5, shield=True):
+            await self._close_repl()
+            if not self._slot_created:
+                return
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.options.dsn, autocommit=True, connect_timeout=3
+                ) as admin:
+                    if await drop_slot(admin, self.options.slot):
+                        logger.info("dropped replication slot %r", self.options.slot)
+                    else:
+                        logger.warning("replication slot %r stayed busy", self.options.slot)
+            except psycopg.Error as exc:
+                logger.warning(
+                    "could not drop replication slot %r: %s", self.options.slot, _one_line(exc)
+                )
+
+
+class SlotMissing(ReplicatorError):
+    """Our slot disappeared while we were away (an administrator dropped it)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:
+    """Log the applied LSN and the rows/s rate every ``interval`` seconds."""
+    last_rows, last_at = consumer.applier.rows, time.monotonic()
+    while True:
+        await anyio.sleep(interval)
+        now = time.monotonic()
+        rows = consumer.applier.rows
+        rate = (rows - last_rows) / (now - last_at)
+        last_rows, last_at = rows, now
+        logger.info(
+            "applied %s (%s): %d rows, %d transactions, %.0f rows/s, %d users with badges,"
+            " lag %d bytes",
+            format_lsn(consumer.applied_lsn),
+            "live" if consumer.live else "not streaming",
+            rows,
+            consumer.applier.transactions,
+            rate,
+            len(consumer.state.users),
+            consumer.lag_bytes(),
+        )

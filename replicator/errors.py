@@ -1,0 +1,42 @@
+"""The one exception hierarchy of replicator.
+
+::
+
+    ReplicatorError
+    ├── ConfigError          a setting has a bad value (names the variable and the value)
+    ├── DatabaseSetupError   the database is not ready for replication (publication, slot, wal_level)
+    │   └── SlotInUseError   another process streams from our slot
+    ├── ProtocolError        bytes from the server that we cannot decode (names the byte and the LSN)
+    ├── SchemaError          a badge table lost a column the badge rules need
+    └── ReplicationLost      the replication connection broke; the caller may reconnect
+"""
+
+from __future__ import annotations
+
+
+class ReplicatorError(Exception):
+    """Base of every error replicator raises on purpose."""
+
+
+class ConfigError(ReplicatorError):
+    """A configuration value is wrong; the message names the variable and the value."""
+
+
+class DatabaseSetupError(ReplicatorError):
+    """The database is not set up for replication the way replicator needs."""
+
+
+class SlotInUseError(DatabaseSetupError):
+    """The replication slot is active on another connection."""
+
+
+class ProtocolError(ReplicatorError):
+    """The replication stream holds bytes that cannot be decoded."""
+
+
+class SchemaError(ReplicatorError):
+    """A badge table's columns no longer allow exact counts."""
+
+
+class ReplicationLost(ReplicatorError):
+    """The replication connection is gone; resuming from the last applied LSN is safe."""

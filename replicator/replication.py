@@ -1,0 +1,195 @@
+"""The streaming replication connection: the only module that touches libpq's copy-both mode.
+
+psycopg 3 has no replication API. A connection opened with ``replication="database"`` runs
+walsender commands through ``execute``; ``START_REPLICATION`` leaves it in copy-both mode,
+which we drive through ``pgconn``: ``get_copy_data(1)`` until it returns 0, then wait for the
+socket and ``consume_input()``; status updates go out with ``put_copy_data`` and ``flush``.
+Walsender connections accept only the simple query protocol, so commands carry no parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+
+import anyio
+import psycopg
+from psycopg import pq, sql
+
+from replicator.errors import DatabaseSetupError, ProtocolError, ReplicationLost, SlotInUseError
+from replicator.lsn import format_lsn, parse_lsn
+from replicator.wire import Keepalive, parse_keepalive, standby_status
+
+logger = logging.getLogger(__name__)
+
+_XLOG_HEAD = struct.Struct(">QQ")
+_XLOGDATA, _KEEPALIVE = 0x77, 0x6B
+#: how long the reader may hold the event loop before letting other tasks run
+_SLICE_S = 0.01
+
+
+class ReplicationConnection:
+    """One walsender connection, from slot creation through copy-both streaming."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        #: the server's WAL end as last reported (XLogData or keepalive)
+        self.server_wal_end = 0
+        #: monotonic time when the reader last found nothing left to read
+        self.idle_at = 0.0
+        self.last_status_at = 0.0
+
+    @classmethod
+    async def open(cls, dsn: str) -> ReplicationConnection:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn, replication="database", autocommit=True, application_name="replicator"
+            )
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"cannot open a replication connection: {exc}") from exc
+        return cls(conn)
+
+    @property
+    def server_version(self) -> int:
+        return self._pgconn.server_version
+
+    @property
+    def backend_pid(self) -> int:
+        return self._pgconn.backend_pid
+
+    async def create_slot(self, slot: str, plugin: str) -> tuple[int, str]:
+        """Create a logical slot exporting its snapshot; return (consistent point, snapshot).
+
+        The exported snapshot lives only until this connection runs its next command.
+        """
+        ident = sql.Identifier(slot)
+        if self.server_version >= 150000:
+            query = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')")
+        else:
+            query = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL {} EXPORT_SNAPSHOT")
+        try:
+            cur = await self._conn.execute(query.format(ident, sql.Identifier(plugin)))
+        except psycopg.errors.DuplicateObject as exc:
+            raise SlotInUseError(
+                f"replication slot {slot!r} already exists; another replicator may be using it"
+                " (set REPLICATOR_SLOT to another name)"
+            ) from exc
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            raise DatabaseSetupError(f"cannot create replication slot {slot!r}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+        row = await cur.fetchone()
+        assert row is not None
+        _, consistent_point, snapshot, _ = row
+        return parse_lsn(str(consistent_point)), str(snapshot)
+
+    async def start(self, slot: str, lsn: int, options: dict[str, str]) -> None:
+        opts = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
+        )
+        query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(slot), sql.SQL(format_lsn(lsn)), opts
+        )
+        try:
+            await self._conn.execute(query)
+        except psycopg.errors.ObjectInUse as exc:
+            raise SlotInUseError(
+                f"replication slot {slot!r} is in use by another process: {exc}".rstrip()
+                + "; is another replicator running? set REPLICATOR_SLOT to another name"
+            ) from exc
+        except psycopg.errors.UndefinedObject as exc:
+            raise DatabaseSetupError(f"cannot stream from slot {slot!r}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+        if self._pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
+            raise ReplicationLost("the server closed the connection at START_REPLICATION")
+        self.last_status_at = time.monotonic()
+
+    async def stream(
+        self,
+        on_xlogdata: Callable[[memoryview, int], None],
+        on_keepalive: Callable[[Keepalive], None],
+        feedback_lsn: Callable[[], int],
+        *,
+        status_interval: float = 10.0,
+    ) -> None:
+        """Read copy-both messages until the connection breaks (``ReplicationLost``).
+
+        ``on_xlogdata(payload, wal_start)`` gets each pgoutput message. Status updates carry
+        ``feedback_lsn()``; they go out at once when the server asks, and at least every
+        ``status_interval`` seconds.
+        """
+        pgconn = self._pgconn
+        get_copy_data = pgconn.get_copy_data
+        unpack_head = _XLOG_HEAD.unpack_from
+        monotonic = time.monotonic
+        fd = pgconn.socket
+        while True:
+            slice_end = monotonic() + _SLICE_S
+            count = 0
+            while True:
+                try:
+                    nbytes, data = get_copy_data(1)
+                except psycopg.Error as exc:
+                    raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                if nbytes > 0:
+                    tag = data[0]
+                    if tag == _XLOGDATA:
+                        start, end = unpack_head(data, 1)
+                        self.server_wal_end = end
+                        on_xlogdata(data[25:], start)
+                    elif tag == _KEEPALIVE:
+                        keepalive = parse_keepalive(data)
+                        if keepalive.wal_end > self.server_wal_end:
+                            self.server_wal_end = keepalive.wal_end
+                        on_keepalive(keepalive)
+                        if keepalive.reply_requested:
+                            await self.send_status(feedback_lsn())
+                    else:
+                        raise ProtocolError(
+                            f"unknown copy-both message type {tag:#04x} ({chr(tag)!r})"
+                            f" after {format_lsn(self.server_wal_end)}"
+                        )
+                    count += 1
+                    if count & 127 == 0 and monotonic() > slice_end:
+                        break
+                elif nbytes == 0:
+                    self.idle_at = monotonic()
+                    wait = self.last_status_at + status_interval - self.idle_at
+                    if wait > 0:
+                        with anyio.move_on_after(wait):
+                            await anyio.wait_readable(fd)
+                    try:
+                        pgconn.consume_input()
+                    except psycopg.Error as exc:
+                        raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                    if monotonic() - self.last_status_at >= status_interval:
+                        await self.send_status(feedback_lsn())
+                    slice_end = monotonic() + _SLICE_S
+                else:
+                    message = pgconn.error_message.decode(errors="replace").strip()
+                    raise ReplicationLost(
+                        f"replication stream ended: {message or 'the server ended the copy'}"
+                    )
+            await anyio.sleep(0)
+            if monotonic() - self.last_status_at >= status_interval:
+                await self.send_status(feedback_lsn())
+
+    async def send_status(self, lsn: int) -> None:
+        """Confirm ``lsn`` as written, flushed and applied."""
+        pgconn = self._pgconn
+        try:
+            while not pgconn.put_copy_data(standby_status(lsn)):
+                await anyio.wait_writable(pgconn.socket)
+            while pgconn.flush():
+                await anyio.wait_writable(pgconn.socket)
+        except psycopg.Error as exc:
+            raise ReplicationLost(f"sending a status update failed: {exc}") from exc
+        self.last_status_at = time.monotonic()
+        logger.debug("confirmed %s", format_lsn(lsn))
+
+    async def close(self) -> None:
+        await self._conn.close()

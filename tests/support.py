@@ -1,0 +1,78 @@
+"""Shared test helpers: run a consumer, wait until it caught up, compare with the badge SQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from replicator.badges import BADGE_QUERIES, MISSED, UNREAD, BadgeState
+from replicator.consumer import Consumer, ConsumerOptions
+from replicator.lsn import parse_lsn
+
+Counts = dict[str, tuple[dict[str, int], dict[str, int]]]
+
+
+async def database_counts(dsn: str, schema: str = "public") -> Counts:
+    """What the badge queries return now: user -> (unread by sender, missed by caller)."""
+    counts: Counts = {}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for badge in (UNREAD, MISSED):
+            query = sql.SQL(BADGE_QUERIES[badge]).format(schema=sql.Identifier(schema))
+            cur = await conn.execute(query)
+            for user, counterpart, count in await cur.fetchall():
+                counts.setdefault(str(user), ({}, {}))[badge][str(counterpart)] = int(count)
+    return counts
+
+
+def state_counts(state: BadgeState) -> Counts:
+    return {user: (dict(c[UNREAD]), dict(c[MISSED])) for user, c in state.users.items()}
+
+
+async def sync_point(dsn: str) -> int:
+    """An LSN after every commit so far: a non-transactional logical message."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT pg_logical_emit_message(false, 'replicator.sync', '')")
+        row = await cur.fetchone()
+        assert row is not None
+        return parse_lsn(str(row[0]))
+
+
+async def wait_applied(consumer: Consumer, lsn: int, timeout: float = 120) -> None:
+    with anyio.fail_after(timeout):
+        while consumer.applied_lsn < lsn:
+            if consumer.error:
+                raise AssertionError(f"consumer stopped: {consumer.error}")
+            await anyio.sleep(0.02)
+
+
+async def caught_up(consumer: Consumer, dsn: str, timeout: float = 120) -> None:
+    await wait_applied(consumer, await sync_point(dsn), timeout)
+
+
+async def wait_live(consumer: Consumer, timeout: float = 60) -> None:
+    with anyio.fail_after(timeout):
+        while not consumer.live:
+            if consumer.error:
+                raise AssertionError(f"consumer stopped: {consumer.error}")
+            await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running_consumer(
+    dsn: str, slot: str, *, status_interval: float = 10.0, wait: bool = True
+) -> AsyncIterator[Consumer]:
+    """A consumer streaming in the background for the duration of the block."""
+    consumer = Consumer(ConsumerOptions(dsn=dsn, slot=slot, status_interval=status_interval))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run)
+        try:
+            if wait:
+                await wait_live(consumer)
+            yield consumer
+        finally:
+            tg.cancel_scope.cancel()
+    await consumer.shutdown()
