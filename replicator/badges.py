@@ -22,6 +22,7 @@ from replicator.pgoutput import (
     Delete,
     Insert,
     LogicalMessage,
+    Message,
     Relation,
     Truncate,
     Update,
@@ -88,9 +89,10 @@ class BadgeState:
         self.lsn = 0
 
     def load(self, badge: int, rows: Iterable[tuple[str, str, int]]) -> None:
+        users = self.users
         for user, counterpart, count in rows:
             if count:
-                counts = self.users.get(user)
+                counts = users.get(user)
                 if counts is None:
                     counts = self.users[user] = [{}, {}]
                 counts[badge][counterpart] = count
@@ -121,7 +123,8 @@ class BadgeState:
                     continue
                 counts = users.get(user)
                 if counts is None:
-                    counts = users[user] = [{}, {}]
+                    counts = [{}, {}]
+                    users[user] = counts
                 by_counterpart = counts[badge]
                 total = by_counterpart.get(counterpart, 0) + delta
                 if total:
@@ -139,8 +142,8 @@ class BadgeState:
                     del by_counterpart[counterpart]
                 changed.add(user)
         for user in changed:
-            counts = users.get(user)
-            if counts is not None and not counts[0] and not counts[1]:
+            left = users.get(user)
+            if left is not None and not left[0] and not left[1]:
                 del users[user]
         self.lsn = lsn
         return changed
@@ -191,7 +194,10 @@ class Applier:
 
     def apply(self, payload: bytes | memoryview, lsn: int) -> None:
         """Decode and apply one pgoutput message that arrived at WAL position ``lsn``."""
-        msg = self.decoder.decode(payload, lsn)
+        self.apply_message(self.decoder.decode(payload, lsn))
+
+    def apply_message(self, msg: Message) -> None:
+        """Apply one decoded message (from pgoutput, or another plugin's decoder)."""
         kind = type(msg)
         if kind is Insert:
             self._change(msg.relid, None, msg.new)  # type: ignore[union-attr]
@@ -247,8 +253,9 @@ class Applier:
         self.decoder.project(rel.relid, tuple(slots))
         self._rules[rel.relid] = rule
         self._key_slot[rel.relid] = key_slot
-        logger.info("relation %s (oid %d) feeds %s", rel.qualified_name, rel.relid,
-                    BADGE_NAMES[rule.badge])
+        logger.info(
+            "relation %s (oid %d) feeds %s", rel.qualified_name, rel.relid, BADGE_NAMES[rule.badge]
+        )
 
     def _begin(self, msg: Begin) -> None:
         self._in_transaction = True

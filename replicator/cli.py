@@ -37,8 +37,9 @@ _HELP = {
 def _add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
     for key in keys:
         flag = "--" + key.replace("_", "-")
-        parser.add_argument(flag, dest=key, default=None, metavar=ENV[key],
-                            help=f"{_HELP[key]} [env {ENV[key]}]")
+        parser.add_argument(
+            flag, dest=key, default=None, metavar=ENV[key], help=f"{_HELP[key]} [env {ENV[key]}]"
+        )
 
 
 _CONNECTION = ("database_url", "slot", "publication", "schema", "log_level")
@@ -64,15 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="compare a running service's counts with the database")
     _add_settings(verify, (*_CONNECTION, "data_dir", "jwt_secret", "jwt_audience"))
-    verify.add_argument("--url", default="http://127.0.0.1:8080",
-                        help="base URL of the running service (default http://127.0.0.1:8080)")
+    verify.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080",
+        help="base URL of the running service (default http://127.0.0.1:8080)",
+    )
 
     token = sub.add_parser("token", help="print a signed JWT for a user (development and tests)")
     token.add_argument("user_id", metavar="USER_ID")
-    token.add_argument("--ttl", type=int, default=24 * 3600,
-                       help="seconds until the token expires (default one day)")
-    token.add_argument("--admin", action="store_true",
-                       help="a service_role token, which may read every user's badges")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=24 * 3600,
+        help="seconds until the token expires (default one day)",
+    )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="a service_role token, which may read every user's badges",
+    )
     _add_settings(token, ("database_url", "jwt_secret", "jwt_audience", "data_dir"))
     return parser
 

@@ -51,8 +51,9 @@ def system_bindirs() -> list[Path]:
     """Server binaries installed system-wide (Debian layout), newest first."""
     root = Path("/usr/lib/postgresql")
     found = [p / "bin" for p in root.glob("*") if (p / "bin" / "postgres").exists()]
-    return sorted(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-                  reverse=True)
+    return sorted(
+        found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True
+    )
 
 
 def free_port() -> int:
@@ -78,8 +79,14 @@ def _server_user() -> str | None:
         pwd.getpwnam(SERVER_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             SERVER_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVER_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -157,10 +164,18 @@ class PostgresCluster:
             shutil.chown(self.datadir, self.user, self.user)
         self.datadir.chmod(0o700)
         logger.info("initializing a PostgreSQL cluster in %s", self.datadir)
-        self._run([
-            str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-            "--auth=trust", "--encoding=UTF8", "--no-instructions",
-        ])
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ]
+        )
         conf = self.datadir / "postgresql.conf"
         with conf.open("a") as f:
             f.write("\n# replicator\n")
@@ -171,7 +186,11 @@ class PostgresCluster:
         try:
             subprocess.run(
                 [str(self.bindir / "pg_ctl"), "status", "-D", str(self.datadir)],
-                check=True, capture_output=True, user=self.user, cwd="/", timeout=30,
+                check=True,
+                capture_output=True,
+                user=self.user,
+                cwd="/",
+                timeout=30,
             )
         except subprocess.CalledProcessError:
             return False
@@ -192,10 +211,21 @@ class PostgresCluster:
             return
         if not port_is_free(self.port):
             self.port = free_port()
-        self._run([
-            str(self.bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.datadir),
-            "-l", str(self.logfile), "-o", f"-p {self.port}",
-        ])
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-o",
+                f"-p {self.port}",
+            ]
+        )
         with contextlib.suppress(OSError):
             self._port_file.write_text(str(self.port))
         logger.info("PostgreSQL started on 127.0.0.1:%d (data in %s)", self.port, self.datadir)
@@ -203,8 +233,19 @@ class PostgresCluster:
     def stop(self, mode: str = "fast") -> None:
         if not self.initialized() or not self.is_running():
             return
-        self._run([str(self.bindir / "pg_ctl"), "stop", "-w", "-t", "60", "-D",
-                   str(self.datadir), "-m", mode])
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "stop",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.datadir),
+                "-m",
+                mode,
+            ]
+        )
         logger.info("PostgreSQL stopped (%s)", mode)
 
     def restart(self, mode: str = "fast") -> None:

@@ -31,6 +31,9 @@ def signing_secret(settings: Settings) -> str:
 def run_token(settings: Settings, user_id: str, *, ttl: int, admin: bool) -> int:
     if not user_id.strip():
         raise ConfigError(f"USER_ID={user_id!r} is empty")
-    print(mint_token(signing_secret(settings), user_id, ttl=ttl,
-                     audience=settings.jwt_audience, admin=admin))
+    print(
+        mint_token(
+            signing_secret(settings), user_id, ttl=ttl, audience=settings.jwt_audience, admin=admin
+        )
+    )
     return 0

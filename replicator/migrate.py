@@ -34,7 +34,7 @@ def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(path.read_text())  # type: ignore[call-overload]
+                    conn.execute(path.read_text().encode())
                     conn.execute(
                         "INSERT INTO replicator_migrations (version) VALUES (%s)", (version,)
                     )

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import psycopg
 from psycopg import pq, sql
 
@@ -174,7 +175,7 @@ class ReplicationConnection:
                     raise ReplicationLost(
                         f"replication stream ended: {message or 'the server ended the copy'}"
                     )
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             if monotonic() - self.last_status_at >= status_interval:
                 await self.send_status(feedback_lsn())
 

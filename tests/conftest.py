@@ -90,7 +90,9 @@ def pg_server(pg_kind: str, tmp_root: Path) -> Iterator[Server]:
     elif pg_kind == "system":
         bindirs = system_bindirs()
         if not bindirs:
-            pytest.fail("no system PostgreSQL binaries under /usr/lib/postgresql (make system-deps)")
+            pytest.fail(
+                "no system PostgreSQL binaries under /usr/lib/postgresql (make system-deps)"
+            )
         yield from _start_cluster("system", bindirs[0], tmp_root)
     elif pg_kind == "dsn":
         dsn = os.environ.get("REPLICATOR_TEST_DSN")

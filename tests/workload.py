@@ -23,8 +23,9 @@ class Workload:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.people = [str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
-                       for _ in range(self.users)]
+        self.people = [
+            str(uuid.UUID(int=self.rng.getrandbits(128), version=4)) for _ in range(self.users)
+        ]
 
     def _two(self) -> tuple[str, str]:
         a, b = self.rng.sample(self.people, 2)
@@ -35,8 +36,19 @@ class Workload:
         k = rng.randint(1, 50)
         op = rng.choices(
             [
-                "insert", "read", "unread", "recipient", "sender", "delete", "body",
-                "call", "call_status", "call_seen", "call_unseen", "call_callee", "call_delete",
+                "insert",
+                "read",
+                "unread",
+                "recipient",
+                "sender",
+                "delete",
+                "body",
+                "call",
+                "call_status",
+                "call_seen",
+                "call_unseen",
+                "call_callee",
+                "call_delete",
             ],
             weights=[30, 12, 6, 4, 4, 5, 3, 14, 6, 5, 3, 3, 3],
         )[0]
@@ -152,8 +164,14 @@ class Workload:
                 " FROM generate_series(1, %s) g,"
                 "  LATERAL (SELECT (%s::uuid[])[1 + (g %% %s)] AS id) s,"
                 "  LATERAL (SELECT (%s::uuid[])[1 + ((g / %s) %% %s)] AS id) r",
-                (rows, self.people, len(self.people), self.people, len(self.people),
-                 len(self.people)),
+                (
+                    rows,
+                    self.people,
+                    len(self.people),
+                    self.people,
+                    len(self.people),
+                    len(self.people),
+                ),
             )
         self.committed += 1
 
