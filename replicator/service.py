@@ -218,8 +218,7 @@ def serve(settings: Settings) -> int:
                 file=sys.stdout,
                 flush=True,
             )
-        else:
-            logger.info("listening on http://%s:%d", host, port)
+        logger.info("listening on http://%s:%d", host, port)
         anyio.run(service.serve, sock)
         return service.exit_code
     return 0

@@ -1,0 +1,199 @@
+"""Run ``replicator serve`` as a real process on a free port, and read its SSE streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from replicator.auth import mint_token
+
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+_LISTEN = re.compile(r"listening on http://([\d.]+):(\d+)")
+
+
+@dataclass
+class RunningService:
+    url: str
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    secret: str = SECRET
+
+    def token(self, user: str, **kwargs: Any) -> str:
+        return mint_token(self.secret, user, **kwargs)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"service did not exit within {timeout} s of signal {sig}")
+
+
+def _pump(stream: Any, lines: list[str], found: threading.Event, port: list[int]) -> None:
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+        match = _LISTEN.search(line)
+        if match and not port:
+            port.append(int(match.group(2)))
+            found.set()
+    found.set()
+
+
+def start_service(dsn: str, slot: str, *, env: dict[str, str] | None = None,
+                  args: list[str] | None = None, wait_ready: bool = True,
+                  timeout: float = 60) -> RunningService:
+    environ = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "REPLICATOR_SLOT": slot,
+        "REPLICATOR_JWT_SECRET": SECRET,
+        "REPLICATOR_HOST": "127.0.0.1",
+        "REPLICATOR_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "serve", *(args or [])],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    found = threading.Event()
+    port: list[int] = []
+    assert process.stdout is not None
+    threading.Thread(target=_pump, args=(process.stdout, lines, found, port), daemon=True).start()
+    if not found.wait(timeout) or not port:
+        process.kill()
+        raise AssertionError("service did not start:\n" + "\n".join(lines))
+    service = RunningService(f"http://127.0.0.1:{port[0]}", process, lines)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path = "/readyz" if wait_ready else "/healthz"
+            if httpx.get(service.url + path, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            service.stop(signal.SIGKILL)
+            raise AssertionError("service did not get ready:\n" + service.log)
+        time.sleep(0.05)
+    return service
+
+
+@contextmanager
+def running_service(dsn: str, slot: str, **kwargs: Any) -> Iterator[RunningService]:
+    service = start_service(dsn, slot, **kwargs)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@dataclass
+class Event:
+    event: str
+    data: Any
+    id: str | None = None
+
+
+class EventReader:
+    """Parses a text/event-stream into events (comments and retry lines are counted)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.comments = 0
+        self.retry: int | None = None
+
+    async def next(self, timeout: float = 30) -> Event:
+        name, data, ident = "message", [], None
+        with anyio.fail_after(timeout):
+            async for line in self._lines:
+                if not line:
+                    if data:
+                        return Event(name, json.loads("\n".join(data)), ident)
+                    continue
+                if line.startswith(":"):
+                    self.comments += 1
+                    continue
+                key, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if key == "event":
+                    name = value
+                elif key == "data":
+                    data.append(value)
+                elif key == "id":
+                    ident = value
+                elif key == "retry":
+                    self.retry = int(value)
+        raise AssertionError("stream ended")
+
+    async def next_badges(self, timeout: float = 30) -> Event:
+        while True:
+            event = await self.next(timeout)
+            if event.event == "badges":
+                return event
+
+    async def until(self, predicate: Any, timeout: float = 30) -> Event:
+        """The first badges event whose data satisfies ``predicate`` (states may be skipped)."""
+        with anyio.fail_after(timeout):
+            while True:
+                event = await self.next_badges(timeout)
+                if predicate(event.data):
+                    return event
+
+
+@asynccontextmanager
+async def open_stream(
+    url: str, token: str | None, *, via: str = "header", timeout: float = 30
+) -> AsyncIterator[EventReader]:
+    headers: dict[str, str] = {}
+    params: dict[str, str] = {}
+    cookies: dict[str, str] = {}
+    if token is not None:
+        if via == "header":
+            headers["Authorization"] = f"Bearer {token}"
+        elif via == "query":
+            params["access_token"] = token
+        else:
+            cookies["access_token"] = token
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), cookies=cookies) as client:
+        async with client.stream(
+            "GET", url + "/v1/badges/stream", headers=headers, params=params
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise AssertionError(f"stream refused: {response.status_code} {response.text}")
+            yield EventReader(response)

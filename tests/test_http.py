@@ -1,0 +1,163 @@
+"""The SSE service through a real uvicorn process: events, devices, isolation, limits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import Database
+from tests.service_support import RunningService, open_stream, running_service
+
+pytestmark = pytest.mark.anyio
+
+ALICE = str(uuid.UUID(int=1, version=4))
+BOB = str(uuid.UUID(int=2, version=4))
+CAROL = str(uuid.UUID(int=3, version=4))
+
+
+@pytest.fixture
+def service(database: Database) -> Iterator[RunningService]:
+    with running_service(database.dsn, database.slot) as svc:
+        yield svc
+
+
+def sql(dsn: str, query: str, *params: object) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(query, params)  # type: ignore[arg-type]
+
+
+async def test_events_follow_every_kind_of_change(
+    database: Database, service: RunningService
+) -> None:
+    sql(database.dsn, "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)", BOB, ALICE)
+    async with open_stream(service.url, service.token(ALICE)) as alice:
+        first = await alice.next_badges()
+        assert alice.retry is not None and alice.retry > 0
+        assert first.data["user_id"] == ALICE
+        assert first.data["unread_messages"] == {BOB: 1}
+        assert first.id == first.data["lsn"]
+
+        sql(database.dsn, "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+            CAROL, ALICE)
+        event = await alice.next_badges()
+        assert event.data["unread_messages"] == {BOB: 1, CAROL: 1}
+        assert event.data["total_unread_messages"] == 2
+
+        sql(database.dsn, "UPDATE messages SET read_at = now() WHERE sender_id = %s", BOB)
+        event = await alice.next_badges()
+        assert event.data["unread_messages"] == {CAROL: 1}
+
+        sql(database.dsn, "DELETE FROM messages WHERE sender_id = %s", CAROL)
+        event = await alice.next_badges()
+        assert event.data["unread_messages"] == {}
+        assert event.data["total_unread_messages"] == 0
+
+        sql(database.dsn, "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s,"
+            " 'missed')", BOB, ALICE)
+        event = await alice.next_badges()
+        assert event.data["missed_calls"] == {BOB: 1}
+        assert event.data["total_missed_calls"] == 1
+
+        sql(database.dsn, "UPDATE calls SET seen_at = now() WHERE callee_id = %s", ALICE)
+        event = await alice.next_badges()
+        assert event.data["missed_calls"] == {}
+
+        async with httpx.AsyncClient() as client:
+            response = await client.get(
+                service.url + "/v1/badges", headers={"Authorization": f"Bearer {service.token(ALICE)}"}
+            )
+        assert response.status_code == 200
+        assert response.json() == event.data
+
+
+async def test_two_devices_agree_and_other_users_see_nothing(
+    database: Database, service: RunningService
+) -> None:
+    async with (
+        open_stream(service.url, service.token(ALICE)) as phone,
+        open_stream(service.url, service.token(ALICE), via="query") as laptop,
+        open_stream(service.url, service.token(CAROL), via="cookie") as carol,
+    ):
+        assert (await phone.next_badges()).data == (await laptop.next_badges()).data
+        carol_first = await carol.next_badges()
+        assert carol_first.data["unread_messages"] == {}
+        with psycopg.connect(database.dsn, autocommit=True) as conn:
+            for i in range(20):
+                conn.execute(
+                    "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)", (BOB, ALICE)
+                )
+                if i % 5 == 4:
+                    conn.execute("UPDATE messages SET read_at = now() WHERE id % 3 = 0")
+            cur = conn.execute(
+                "SELECT count(*) FROM messages WHERE recipient_id = %s AND read_at IS NULL",
+                (ALICE,),
+            )
+            row = cur.fetchone()
+            assert row is not None
+            expected = row[0]
+        final_phone = await phone.until(lambda d: d["total_unread_messages"] == expected)
+        final_laptop = await laptop.until(lambda d: d["total_unread_messages"] == expected)
+        assert final_phone.data == final_laptop.data
+        assert final_phone.id == final_laptop.id
+        # Carol's stream carries nothing of Alice's: at most heartbeats until now.
+        with anyio.move_on_after(1.0):
+            event = await carol.next()
+            raise AssertionError(f"Carol received {event}")
+
+
+async def test_stream_limit_per_user_is_enforced(database: Database) -> None:
+    with running_service(
+        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "2"}
+    ) as service:
+        async with (
+            open_stream(service.url, service.token(ALICE)) as one,
+            open_stream(service.url, service.token(ALICE)) as two,
+        ):
+            await one.next_badges()
+            await two.next_badges()
+            async with httpx.AsyncClient() as client:
+                response = await client.get(
+                    service.url + "/v1/badges/stream",
+                    headers={"Authorization": f"Bearer {service.token(ALICE)}"},
+                )
+            assert response.status_code == 429
+            assert response.json()["error"] == "too_many_streams"
+        # Closed streams free their places.
+        async with open_stream(service.url, service.token(ALICE)) as again:
+            await again.next_badges()
+
+
+async def test_heartbeat_comments_arrive_on_idle_streams(database: Database) -> None:
+    with running_service(
+        database.dsn, database.slot, env={"REPLICATOR_HEARTBEAT_S": "0.2"}
+    ) as service:
+        async with open_stream(service.url, service.token(ALICE)) as stream:
+            await stream.next_badges()
+            with anyio.move_on_after(1.5):
+                await stream.next()
+            assert stream.comments >= 2
+
+
+async def test_health_ready_and_metrics(service: RunningService) -> None:
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["live"] is True
+        metrics = (await client.get("/metrics")).text
+    for name in (
+        "replicator_replication_lag_bytes",
+        "replicator_replication_lag_seconds",
+        "replicator_applied_lsn",
+        "replicator_changes_applied_total",
+        "replicator_transactions_applied_total",
+        "replicator_events_sent_total",
+        "replicator_streams_connected",
+        "replicator_snapshot_duration_seconds",
+    ):
+        assert name in metrics
