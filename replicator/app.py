@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from replicator.auth import AuthError, Identity, TokenVerifier
+from replicator.demo import CONTACTS
 from replicator.hub import Hub, LimitExceeded, badges_payload, encode_status_event
 from replicator.lsn import format_lsn
 from replicator.metrics import registry_for, render
@@ -85,6 +86,7 @@ class BadgeApp:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/", self.index, methods=["GET"]),
             Route("/badges.js", self.client_js, methods=["GET"]),
+            Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, lifespan=lifespan)
 
@@ -168,6 +170,10 @@ class BadgeApp:
             media_type="text/javascript",
             headers={"Cache-Control": "no-cache"},
         )
+
+    async def demo_contacts(self, request: Request) -> Response:
+        """The demo contacts' names by user id, for the demo page."""
+        return JSONResponse(CONTACTS)
 
 
 @asynccontextmanager
