@@ -17,6 +17,7 @@ import socket
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from replicator.errors import DatabaseSetupError
 
@@ -142,15 +143,21 @@ class PostgresCluster:
                 check=True,
                 capture_output=True,
                 text=True,
-                user=self.user,
                 cwd="/",
                 timeout=timeout,
+                **self._identity(),
                 env={**os.environ, "LC_ALL": "C", "LANG": "C"},
             )
         except subprocess.CalledProcessError as exc:
             detail = (exc.stderr or exc.stdout or "").strip().splitlines()
             tail = detail[-1] if detail else f"exit code {exc.returncode}"
             raise DatabaseSetupError(f"{Path(args[0]).name} failed: {tail}") from exc
+
+    def _identity(self) -> dict[str, Any]:
+        """Run as the server user with its own group only, never root's groups."""
+        if self.user is None:
+            return {}
+        return {"user": self.user, "group": self.user, "extra_groups": []}
 
     def initialized(self) -> bool:
         return (self.datadir / "PG_VERSION").exists()
@@ -188,9 +195,9 @@ class PostgresCluster:
                 [str(self.bindir / "pg_ctl"), "status", "-D", str(self.datadir)],
                 check=True,
                 capture_output=True,
-                user=self.user,
                 cwd="/",
                 timeout=30,
+                **self._identity(),
             )
         except subprocess.CalledProcessError:
             return False

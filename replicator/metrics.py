@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -83,6 +83,8 @@ class ReplicatorCollector(Collector):
 def registry_for(consumer: Consumer, hub: Hub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ReplicatorCollector(consumer, hub))
+    # resident memory, CPU seconds and open file descriptors of this process
+    ProcessCollector(registry=registry)
     return registry
 
 

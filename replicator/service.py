@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -219,6 +220,13 @@ def serve(settings: Settings) -> int:
                 flush=True,
             )
         logger.info("listening on http://%s:%d", host, port)
-        anyio.run(service.serve, sock)
+        # uvicorn re-raises the signal that stopped it once it is done; with the default
+        # SIGTERM disposition that would kill the process before the embedded PostgreSQL
+        # is stopped, so SIGTERM gets a Python handler that lets the clean-up run.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            anyio.run(service.serve, sock)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return service.exit_code
     return 0

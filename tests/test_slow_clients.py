@@ -1,0 +1,80 @@
+"""A client that stops reading costs one pending state, never memory growth or others' events."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import anyio
+import psycopg
+import pytest
+
+from tests.conftest import Database
+from tests.service_support import open_stream, running_service
+
+pytestmark = pytest.mark.anyio
+
+ALICE = str(uuid.UUID(int=21, version=4))
+BOB = str(uuid.UUID(int=22, version=4))
+CHANGES = 10_000
+
+
+def stalled_stream(url: str, token: str) -> socket.socket:
+    """Open a stream, then never read from it again."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    return sock
+
+
+@pytest.mark.slow
+async def test_client_that_never_reads_does_not_hold_back_others(database: Database) -> None:
+    with running_service(database.dsn, database.slot) as service:
+        stalled = [stalled_stream(service.url, service.token(ALICE)) for _ in range(3)]
+        try:
+            async with (
+                open_stream(service.url, service.token(ALICE)) as alice,
+                open_stream(service.url, service.token(BOB)) as bob,
+            ):
+                await alice.next_badges()
+                await bob.next_badges()
+                before = service.metrics()
+                assert before["replicator_streams_connected"] == 5
+                with psycopg.connect(database.dsn, autocommit=True) as conn:
+                    with conn.cursor() as cur:
+                        # one change per commit: 10,000 events for Alice's devices
+                        cur.executemany(
+                            "INSERT INTO messages (sender_id, recipient_id, body)"
+                            " VALUES (%s, %s, repeat('x', 200))",
+                            [(BOB, ALICE)] * CHANGES,
+                        )
+                    conn.execute(
+                        "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+                        (ALICE, BOB),
+                    )
+                final = await alice.until(
+                    lambda d: d["total_unread_messages"] == CHANGES, timeout=120
+                )
+                assert final.data["unread_messages"] == {BOB: CHANGES}
+                await bob.until(lambda d: d["unread_messages"] == {ALICE: 1})
+                after = service.metrics()
+                grown = after["process_resident_memory_bytes"] - before[
+                    "process_resident_memory_bytes"
+                ]
+                # 10,000 events of ~400 bytes for each stalled stream would be 12 MB if they
+                # queued; a latest-state slot keeps it to socket buffers.
+                assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+                assert after["replicator_events_published_total"] >= before[
+                    "replicator_events_published_total"
+                ] + 1
+        finally:
+            for sock in stalled:
+                sock.close()
+        # The stalled streams go away with their sockets: nothing leaks.
+        with anyio.fail_after(30):
+            while service.metrics()["replicator_streams_connected"] != 0:
+                await anyio.sleep(0.1)
