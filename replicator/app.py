@@ -51,11 +51,13 @@ def token_from(request: Request) -> str:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("Authorization header is not 'Bearer <token>'")
         return token.strip()
-    token = request.query_params.get("access_token") or request.cookies.get("access_token")
-    if not token:
-        raise AuthError("missing token: send Authorization: Bearer <token>, ?access_token= or"
-                        " the access_token cookie")
-    return token
+    found = request.query_params.get("access_token") or request.cookies.get("access_token")
+    if not found:
+        raise AuthError(
+            "missing token: send Authorization: Bearer <token>, ?access_token= or"
+            " the access_token cookie"
+        )
+    return found
 
 
 class BadgeApp:

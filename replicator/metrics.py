@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -40,9 +41,7 @@ class ReplicatorCollector(Collector):
         yield GaugeMetricFamily(
             "replicator_applied_lsn", "WAL position applied to the state", c.applied_lsn
         )
-        yield CounterMetricFamily(
-            "replicator_changes_applied", "row changes applied", applier.rows
-        )
+        yield CounterMetricFamily("replicator_changes_applied", "row changes applied", applier.rows)
         yield CounterMetricFamily(
             "replicator_transactions_applied", "transactions applied", applier.transactions
         )
@@ -66,8 +65,9 @@ class ReplicatorCollector(Collector):
             "badge states encoded for connected users",
             h.stats.events_published,
         )
+        yield GaugeMetricFamily("replicator_streams_connected", "open SSE streams", h.connected)
         yield GaugeMetricFamily(
-            "replicator_streams_connected", "open SSE streams", h.connected
+            "replicator_tasks", "tasks alive in the event loop", len(asyncio.all_tasks())
         )
         yield GaugeMetricFamily(
             "replicator_users_connected", "users with at least one open stream", h.users_connected

@@ -195,6 +195,7 @@ def serve(settings: Settings) -> int:
     host, port = sock.getsockname()[:2]
     with ExitStack() as stack:
         stack.callback(sock.close)
+        secret: str | None
         if settings.embedded:
             db = stack.enter_context(embedded_database(settings.data_dir))
             dsn, secret = db.dsn, settings.jwt_secret or db.jwt_secret

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 import psycopg
@@ -55,22 +56,33 @@ async def check_publication(conn: Conn, publication: str, schema: str) -> None:
         )
 
 
-async def clear_leftover_slot(conn: Conn, slot: str) -> bool:
-    """Drop our slot if a previous run left it inactive; refuse if someone streams from it."""
-    cur = await conn.execute(
-        "SELECT active, active_pid, plugin FROM pg_replication_slots WHERE slot_name = %s",
-        (slot,),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        return False
-    active, pid, _ = row
-    if active:
-        raise SlotInUseError(
-            f"replication slot {slot!r} is in use by another process (pid {pid});"
-            " is another replicator running? set REPLICATOR_SLOT to another name"
+async def clear_leftover_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bool:
+    """Drop our slot if a previous run left it inactive; refuse if someone streams from it.
+
+    A killed predecessor's walsender lets go of the slot as soon as it sees the socket close,
+    so an active slot gets ``wait`` seconds before it counts as another instance's.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        cur = await conn.execute(
+            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         )
-    await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        active, pid = row
+        if not active:
+            break
+        if time.monotonic() >= deadline:
+            raise SlotInUseError(
+                f"replication slot {slot!r} is in use by another process (walsender pid {pid});"
+                " is another replicator running? set REPLICATOR_SLOT to another name"
+            )
+        await anyio.sleep(0.1)
+    try:
+        await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    except psycopg.errors.UndefinedObject:
+        return False
     logger.info("dropped leftover replication slot %r from an earlier run", slot)
     return True
 
