@@ -113,9 +113,9 @@ class BadgeState:
         changed: set[str] = set()
         users = self.users
         for badge in truncated:
-            for user, counts in users.items():
-                if counts[badge]:
-                    counts[badge] = {}
+            for user, held in users.items():
+                if held[badge]:
+                    held[badge] = {}
                     changed.add(user)
         for badge in (UNREAD, MISSED):
             for (user, counterpart), delta in deltas[badge].items():
@@ -191,6 +191,11 @@ class Applier:
     @property
     def in_transaction(self) -> bool:
         return self._in_transaction
+
+    @property
+    def pending_pairs(self) -> int:
+        """(badge, user, counterpart) pairs buffered for the open transaction."""
+        return len(self._deltas[0]) + len(self._deltas[1])
 
     def apply(self, payload: bytes | memoryview, lsn: int) -> None:
         """Decode and apply one pgoutput message that arrived at WAL position ``lsn``."""

@@ -1,0 +1,580 @@
+"""Badge state as pure code: decoded pgoutput messages in, counts out, checked against a recount."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicator.badges import (
+    CALLS_RULE,
+    MESSAGES_RULE,
+    MISSED,
+    UNREAD,
+    Applier,
+    BadgeRule,
+    BadgeState,
+)
+from replicator.errors import ProtocolError, SchemaError
+from replicator.pgoutput import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Relation,
+    Truncate,
+    Update,
+    Value,
+    Values,
+)
+
+MESSAGES_ID, CALLS_ID, MOODS_ID, ELSEWHERE_ID = 16396, 16411, 16437, 17000
+USERS = ("u-ann", "u-ben", "u-cat", "u-dan")
+STATUSES = ("ringing", "answered", "missed", "declined")
+
+Counts = dict[str, tuple[dict[str, int], dict[str, int]]]
+Row = dict[str, Any]
+
+
+def relation(
+    relid: int,
+    name: str,
+    columns: list[tuple[str, int]],
+    *,
+    namespace: str = "public",
+    identity: str = "f",
+) -> Relation:
+    cols = tuple(Column(c, oid, -1, identity == "f" or c == "id") for c, oid in columns)
+    return Relation(relid, namespace, name, identity, cols)
+
+
+MESSAGES_COLUMNS = [
+    ("id", 20),
+    ("sender_id", 2950),
+    ("recipient_id", 2950),
+    ("body", 25),
+    ("created_at", 1184),
+    ("read_at", 1184),
+]
+CALLS_COLUMNS = [
+    ("id", 20),
+    ("caller_id", 2950),
+    ("callee_id", 2950),
+    ("status", 25),
+    ("created_at", 1184),
+    ("seen_at", 1184),
+]
+MESSAGES = relation(MESSAGES_ID, "messages", MESSAGES_COLUMNS)
+CALLS = relation(CALLS_ID, "calls", CALLS_COLUMNS)
+MOODS = relation(MOODS_ID, "moods", [("id", 23), ("mood", 16431)], identity="d")
+ELSEWHERE = relation(ELSEWHERE_ID, "messages", MESSAGES_COLUMNS, namespace="archive")
+
+
+def values(rule: BadgeRule, row: Row) -> Values:
+    """A row as the applier's projection lays it out: the rule's columns, then the id."""
+    return [row.get(c) for c in rule.columns] + [row.get("id")]
+
+
+def counts_of(state: BadgeState) -> Counts:
+    return {user: (dict(c[UNREAD]), dict(c[MISSED])) for user, c in state.users.items()}
+
+
+@dataclass
+class Stream:
+    """An applier fed with messages the way pgoutput would send them, with LSNs kept in order."""
+
+    applier: Applier = field(default_factory=lambda: Applier(BadgeState()))
+    lsn: int = 0x1000
+    commits: list[tuple[int, set[str]]] = field(default_factory=list)
+    in_transaction: bool = False
+
+    def __post_init__(self) -> None:
+        self.applier.on_commit = lambda lsn, users: self.commits.append((lsn, users))
+
+    @property
+    def state(self) -> BadgeState:
+        return self.applier.state
+
+    def send(self, *messages: Message) -> None:
+        for msg in messages:
+            self.applier.apply_message(msg)
+
+    def begin(self) -> int:
+        """Open a transaction; return its commit LSN."""
+        assert not self.in_transaction
+        self.lsn += 0x100
+        self.in_transaction = True
+        self.send(Begin(self.lsn, self.lsn * 10, self.lsn // 0x100))
+        return self.lsn
+
+    def commit(self) -> None:
+        assert self.in_transaction
+        self.in_transaction = False
+        self.send(Commit(0, self.lsn, self.lsn + 0x30, self.lsn * 10))
+
+    def transaction(self, *messages: Message) -> int:
+        lsn = self.begin()
+        self.send(*messages)
+        self.commit()
+        return lsn
+
+
+def announced() -> Stream:
+    stream = Stream()
+    stream.send(MESSAGES, CALLS, MOODS, ELSEWHERE)
+    return stream
+
+
+def message(id: int, sender: str | None, recipient: str | None, read_at: str | None = None) -> Row:
+    return {"id": str(id), "sender_id": sender, "recipient_id": recipient, "read_at": read_at}
+
+
+def call(
+    id: int, caller: str | None, callee: str | None, status: str, seen_at: str | None = None
+) -> Row:
+    return {
+        "id": str(id),
+        "caller_id": caller,
+        "callee_id": callee,
+        "status": status,
+        "seen_at": seen_at,
+    }
+
+
+def insert(rule: BadgeRule, row: Row) -> Insert:
+    return Insert(MESSAGES_ID if rule is MESSAGES_RULE else CALLS_ID, values(rule, row))
+
+
+def update(rule: BadgeRule, old: Row, new: Row, old_kind: str = "O") -> Update:
+    relid = MESSAGES_ID if rule is MESSAGES_RULE else CALLS_ID
+    return Update(relid, values(rule, old), values(rule, new), old_kind)
+
+
+def delete(rule: BadgeRule, old: Row) -> Delete:
+    return Delete(MESSAGES_ID if rule is MESSAGES_RULE else CALLS_ID, values(rule, old), "O")
+
+
+# -- the model: two tables, recounted naively after every commit ------------------------------
+
+
+@dataclass
+class Model:
+    messages: dict[int, Row] = field(default_factory=dict)
+    calls: dict[int, Row] = field(default_factory=dict)
+    next_id: int = 1
+
+    def copy(self) -> Model:
+        return Model(
+            {k: dict(v) for k, v in self.messages.items()},
+            {k: dict(v) for k, v in self.calls.items()},
+            self.next_id,
+        )
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def recount(self) -> Counts:
+        """The badge queries: NULL users or counterparts count for nobody."""
+        counts: Counts = {}
+        for row in self.messages.values():
+            user, other = row["recipient_id"], row["sender_id"]
+            if row["read_at"] is None and user is not None and other is not None:
+                by = counts.setdefault(user, ({}, {}))[UNREAD]
+                by[other] = by.get(other, 0) + 1
+        for row in self.calls.values():
+            user, other = row["callee_id"], row["caller_id"]
+            missed = row["status"] == "missed" and row["seen_at"] is None
+            if missed and user is not None and other is not None:
+                by = counts.setdefault(user, ({}, {}))[MISSED]
+                by[other] = by.get(other, 0) + 1
+        return counts
+
+
+people = st.sampled_from(USERS)
+maybe_people = st.one_of(people, people, people, people, people, st.none())
+timestamps = st.sampled_from([None, None, "2024-05-06 08:00:00+00"])
+statuses = st.sampled_from([*STATUSES, "missed", "missed", "voicemail"])
+
+
+def _unchanged_where_equal(draw: st.DrawFn, old: Values, new: Values) -> Values:
+    """Columns an UPDATE leaves alone may come as unchanged TOAST, taken from the old row."""
+    if not draw(st.booleans()):
+        return new
+    return [
+        UNCHANGED if o == n and draw(st.booleans()) else n for o, n in zip(old, new, strict=True)
+    ]
+
+
+def _operation(draw: st.DrawFn, model: Model) -> list[Message]:
+    """Change the model by one row operation; return what pgoutput would send for it."""
+    ops = ["insert message", "insert call", "noise", "relation"]
+    if model.messages:
+        ops += ["read", "unread", "recipient", "sender", "delete message", "touch message"] * 2
+    if model.calls:
+        ops += ["status", "seen", "unseen", "callee", "caller", "delete call"]
+    ops += ["truncate messages", "truncate calls", "truncate both"]
+    op = draw(st.sampled_from(ops))
+    if op == "insert message":
+        sender, recipient = draw(maybe_people), draw(maybe_people)
+        # many rows on the same pair, as a bulk insert makes
+        rows = [
+            message(model.new_id(), sender, recipient, draw(timestamps))
+            for _ in range(draw(st.integers(1, 3)))
+        ]
+        for row in rows:
+            model.messages[int(row["id"])] = row
+        return [insert(MESSAGES_RULE, row) for row in rows]
+    if op == "insert call":
+        row = call(
+            model.new_id(), draw(maybe_people), draw(maybe_people), draw(statuses), draw(timestamps)
+        )
+        model.calls[int(row["id"])] = row
+        return [insert(CALLS_RULE, row)]
+    if op == "noise":
+        # tables the badges do not read, or that live in another schema
+        return [
+            Insert(MOODS_ID, None),
+            Insert(ELSEWHERE_ID, values(MESSAGES_RULE, message(1, USERS[0], USERS[1]))),
+        ]
+    if op == "relation":
+        return [draw(st.sampled_from([MESSAGES, CALLS, MOODS]))]
+    if op.startswith("truncate"):
+        relids: list[int] = []
+        if op != "truncate calls":
+            model.messages.clear()
+            relids.append(MESSAGES_ID)
+        if op != "truncate messages":
+            model.calls.clear()
+            relids.append(CALLS_ID)
+        return [Truncate(tuple(relids), False, False)]
+    table = (
+        model.messages
+        if op in ("read", "unread", "recipient", "sender", "delete message", "touch message")
+        else model.calls
+    )
+    rule = MESSAGES_RULE if table is model.messages else CALLS_RULE
+    key = draw(st.sampled_from(sorted(table)))
+    old = table[key]
+    if op.startswith("delete"):
+        del table[key]
+        return [delete(rule, old)]
+    new = dict(old)
+    if op == "read":
+        new["read_at"] = "2024-05-06 08:00:00+00"
+    elif op == "unread":
+        new["read_at"] = None
+    elif op == "recipient":
+        new["recipient_id"] = draw(maybe_people)
+    elif op == "sender":
+        new["sender_id"] = draw(maybe_people)
+    elif op == "status":
+        new["status"] = draw(statuses)
+    elif op == "seen":
+        new["seen_at"] = "2024-05-06 08:00:00+00"
+    elif op == "unseen":
+        new["seen_at"] = None
+    elif op == "callee":
+        new["callee_id"] = draw(maybe_people)
+    elif op == "caller":
+        new["caller_id"] = draw(maybe_people)
+    table[key] = new
+    old_values, new_values = values(rule, old), values(rule, new)
+    relid = MESSAGES_ID if rule is MESSAGES_RULE else CALLS_ID
+    return [Update(relid, old_values, _unchanged_where_equal(draw, old_values, new_values), "O")]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_state_equals_a_recount_after_every_commit(data: st.DataObject) -> None:
+    logging.getLogger("replicator.badges").setLevel(logging.ERROR)
+    stream = announced()
+    model = Model()
+    for _ in range(data.draw(st.integers(1, 10), label="transactions")):
+        before = counts_of(stream.state)
+        working = model.copy()
+        commit_lsn = stream.begin()
+        for _ in range(data.draw(st.integers(0, 12))):
+            stream.send(*_draw_operation(data, working))
+            # nothing shows before the commit
+            assert counts_of(stream.state) == before
+        stream.commit()
+        model = working
+        after = counts_of(stream.state)
+        assert after == model.recount()
+        assert stream.state.lsn == commit_lsn
+        assert all(c[UNREAD] or c[MISSED] for c in stream.state.users.values()), "zeros removed"
+        changed = {u for u in before.keys() | after.keys() if before.get(u) != after.get(u)}
+        if changed:
+            lsn, reported = stream.commits[-1]
+            assert lsn == commit_lsn
+            assert changed <= reported
+        assert stream.applier.pending_pairs == 0
+
+
+def _draw_operation(data: st.DataObject, model: Model) -> list[Message]:
+    return data.draw(st.composite(lambda draw: _operation(draw, model))())
+
+
+def test_truncate_then_inserts_in_one_transaction() -> None:
+    stream = announced()
+    stream.transaction(
+        insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")),
+        insert(MESSAGES_RULE, message(2, "u-cat", "u-ben")),
+        insert(CALLS_RULE, call(3, "u-ann", "u-ben", "missed")),
+    )
+    stream.transaction(
+        insert(MESSAGES_RULE, message(4, "u-dan", "u-ben")),
+        Truncate((MESSAGES_ID,), False, False),
+        insert(MESSAGES_RULE, message(1, "u-ann", "u-cat")),
+        insert(MESSAGES_RULE, message(2, "u-ann", "u-cat")),
+    )
+    assert counts_of(stream.state) == {
+        "u-ben": ({}, {"u-ann": 1}),
+        "u-cat": ({"u-ann": 2}, {}),
+    }
+    stream.transaction(Truncate((MESSAGES_ID, CALLS_ID), True, True))
+    assert counts_of(stream.state) == {}
+
+
+# -- memory for one transaction ---------------------------------------------------------------
+
+
+def test_buffer_grows_with_pairs_not_rows() -> None:
+    stream = announced()
+    stream.begin()
+    pairs = [("u-ann", "u-ben"), ("u-ben", "u-ann"), ("u-cat", "u-ann")]
+    for i in range(30_000):
+        sender, recipient = pairs[i % 3]
+        stream.send(insert(MESSAGES_RULE, message(i, sender, recipient)))
+        if i % 5 == 0:
+            row = message(i, sender, recipient)
+            stream.send(update(MESSAGES_RULE, row, {**row, "read_at": "now"}))
+    stream.send(*(insert(CALLS_RULE, call(i, "u-dan", "u-ann", "missed")) for i in range(1000)))
+    assert stream.applier.pending_pairs <= 4
+    stream.commit()
+    assert stream.applier.pending_pairs == 0
+    assert counts_of(stream.state) == {
+        "u-ben": ({"u-ann": 8000}, {}),
+        "u-ann": ({"u-ben": 8000, "u-cat": 8000}, {"u-dan": 1000}),
+    }
+    assert stream.applier.rows == 30_000 + 6000 + 1000
+
+
+# -- transactions, commits, resuming ----------------------------------------------------------
+
+
+def test_nothing_is_visible_before_the_commit() -> None:
+    stream = announced()
+    stream.begin()
+    stream.send(insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")))
+    assert stream.state.users == {}
+    assert stream.commits == []
+    assert stream.applier.in_transaction
+    stream.commit()
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
+    assert stream.commits == [(stream.lsn, {"u-ben"})]
+    assert not stream.applier.in_transaction
+    assert stream.applier.transactions == 1
+
+
+def test_users_at_zero_are_removed() -> None:
+    stream = announced()
+    row = message(1, "u-ann", "u-ben")
+    stream.transaction(insert(MESSAGES_RULE, row))
+    assert stream.state.view("u-ben") == ({"u-ann": 1}, {})
+    stream.transaction(update(MESSAGES_RULE, row, {**row, "read_at": "now"}))
+    assert stream.state.users == {}
+    assert stream.state.view("u-ben") == ({}, {})
+    assert stream.commits[-1][1] == {"u-ben"}
+
+
+def test_commits_that_change_nobody_are_not_reported() -> None:
+    stream = announced()
+    row = message(1, "u-ann", "u-ben", read_at="now")
+    lsn = stream.transaction(insert(MESSAGES_RULE, row), Insert(MOODS_ID, None))
+    assert stream.commits == []
+    assert stream.state.lsn == lsn
+    assert stream.applier.applied_lsn == lsn + 0x30
+
+
+def test_transactions_below_the_resume_lsn_are_skipped() -> None:
+    """After a reconnect the server resends what we may already have applied."""
+    stream = announced()
+    first = [insert(MESSAGES_RULE, message(1, "u-ann", "u-ben"))]
+    lsn = stream.transaction(*first)
+    applied = stream.applier.applied_lsn
+    assert applied == lsn + 0x30
+    # the same transaction again, as a resumed stream sends it
+    stream.send(MESSAGES, CALLS, Begin(lsn, lsn * 10, 1), *first, Commit(0, lsn, lsn + 0x30, 0))
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
+    assert stream.applier.skipped_transactions == 1
+    assert stream.applier.transactions == 1
+    assert stream.applier.applied_lsn == applied
+    stream.transaction(insert(MESSAGES_RULE, message(2, "u-ann", "u-ben")))
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 2}, {})}
+    assert stream.applier.transactions == 2
+
+
+def test_skipped_transactions_leave_no_buffered_rows() -> None:
+    stream = announced()
+    stream.applier.applied_lsn = 0x5000
+    stream.send(
+        Begin(0x4000, 0, 1),
+        insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")),
+        Truncate((MESSAGES_ID,), False, False),
+        Commit(0, 0x4000, 0x4030, 0),
+    )
+    assert stream.applier.pending_pairs == 0
+    stream.lsn = 0x5000
+    stream.transaction(insert(MESSAGES_RULE, message(2, "u-cat", "u-ben")))
+    assert counts_of(stream.state) == {"u-ben": ({"u-cat": 1}, {})}
+
+
+def test_commit_without_begin_is_a_protocol_error() -> None:
+    stream = announced()
+    with pytest.raises(ProtocolError, match="commit at 0/2000 without a begin"):
+        stream.send(Commit(0, 0x2000, 0x2030, 0))
+
+
+def test_non_transactional_message_advances_only_between_transactions() -> None:
+    stream = announced()
+    stream.send(LogicalMessage(False, 0x9000, "replicator.sync", b""))
+    assert stream.applier.applied_lsn == 0x9000
+    stream.lsn = 0x9000
+    stream.begin()
+    stream.send(LogicalMessage(False, 0x9900, "x", b""), LogicalMessage(True, 0x9100, "x", b""))
+    stream.applier.advance(0x9A00)
+    assert stream.applier.applied_lsn == 0x9000
+    stream.commit()
+    assert stream.applier.applied_lsn == 0x9130
+    stream.applier.advance(0x9000)
+    assert stream.applier.applied_lsn == 0x9130
+
+
+# -- schema changes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["recipient_id", "sender_id", "read_at"])
+def test_missing_message_column_is_a_schema_error(column: str) -> None:
+    columns = [c for c in MESSAGES_COLUMNS if c[0] != column]
+    with pytest.raises(SchemaError, match=rf"table public\.messages has no column {column}"):
+        announced().send(relation(MESSAGES_ID, "messages", columns))
+
+
+@pytest.mark.parametrize("column", ["callee_id", "caller_id", "status", "seen_at"])
+def test_missing_call_column_is_a_schema_error(column: str) -> None:
+    columns = [c for c in CALLS_COLUMNS if c[0] != column]
+    with pytest.raises(SchemaError, match=rf"table public\.calls has no column {column}"):
+        announced().send(relation(CALLS_ID, "calls", columns))
+
+
+@pytest.mark.parametrize("identity", ["d", "n", "i"])
+def test_replica_identity_other_than_full_is_a_schema_error(identity: str) -> None:
+    rel = relation(CALLS_ID, "calls", CALLS_COLUMNS, identity=identity)
+    with pytest.raises(SchemaError, match=r"table public\.calls has replica identity .*FULL"):
+        announced().send(rel)
+
+
+def test_update_or_delete_without_the_old_row_is_a_schema_error() -> None:
+    stream = announced()
+    row = message(1, "u-ann", "u-ben")
+    stream.begin()
+    with pytest.raises(SchemaError, match=r"UPDATE on public\.messages came without its old row"):
+        stream.send(update(MESSAGES_RULE, row, row, old_kind="K"))
+    with pytest.raises(SchemaError, match=r"UPDATE on public\.calls came without its old row"):
+        stream.send(Update(CALLS_ID, None, values(CALLS_RULE, call(1, "a", "b", "missed")), ""))
+    with pytest.raises(SchemaError, match=r"DELETE on public\.messages came with only its key"):
+        stream.send(Delete(MESSAGES_ID, values(MESSAGES_RULE, row), "K"))
+
+
+def test_relation_announced_again_keeps_the_open_transaction() -> None:
+    stream = announced()
+    stream.begin()
+    stream.send(insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")), MESSAGES)
+    stream.send(insert(MESSAGES_RULE, message(2, "u-ann", "u-ben")))
+    stream.commit()
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 2}, {})}
+
+
+def test_badge_tables_in_another_schema_are_ignored() -> None:
+    stream = Stream(Applier(BadgeState(), schema="chat"))
+    chat = relation(MESSAGES_ID, "messages", MESSAGES_COLUMNS, namespace="chat")
+    stream.send(MESSAGES, CALLS, relation(1, "messages", MESSAGES_COLUMNS, namespace="chat"))
+    stream.transaction(insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")))
+    assert stream.state.users == {}
+    stream.send(chat)
+    stream.transaction(insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")))
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
+
+
+# -- values no badge rule expects: skipped, named, never miscounted ---------------------------
+
+
+def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    stream = announced()
+    orphan = message(5, "u-ann", None)
+    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+        stream.transaction(
+            insert(MESSAGES_RULE, orphan),
+            insert(MESSAGES_RULE, message(6, None, "u-ben")),
+            insert(CALLS_RULE, call(9, "u-ann", None, "missed")),
+        )
+    assert stream.state.users == {}
+    text = caplog.text
+    assert "public.messages row id=5" in text and "recipient_id" in text
+    assert "public.messages row id=6" in text and "sender_id" in text
+    assert "public.calls row id=9" in text and "callee_id" in text
+    # once it gets a recipient it counts, and taking it away again uncounts it exactly once
+    fixed = {**orphan, "recipient_id": "u-cat"}
+    stream.transaction(update(MESSAGES_RULE, orphan, fixed))
+    assert counts_of(stream.state) == {"u-cat": ({"u-ann": 1}, {})}
+    stream.transaction(update(MESSAGES_RULE, fixed, orphan))
+    assert stream.state.users == {}
+
+
+def test_unknown_call_status_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    stream = announced()
+    odd = call(7, "u-ann", "u-ben", "voicemail")
+    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+        stream.transaction(insert(CALLS_RULE, odd))
+    assert stream.state.users == {}
+    assert "public.calls row id=7" in caplog.text
+    assert "'voicemail'" in caplog.text
+    missed = {**odd, "status": "missed"}
+    stream.transaction(update(CALLS_RULE, odd, missed))
+    assert counts_of(stream.state) == {"u-ben": ({}, {"u-ann": 1})}
+    stream.transaction(update(CALLS_RULE, missed, odd))
+    assert stream.state.users == {}
+    stream.transaction(insert(CALLS_RULE, missed), delete(CALLS_RULE, missed))
+    assert stream.state.users == {}
+
+
+def test_binary_user_id_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    stream = announced()
+    binary: list[Value] = [b"\x01" * 16, b"\x02" * 16, None, "8"]
+    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+        stream.transaction(Insert(MESSAGES_ID, binary))
+    assert stream.state.users == {}
+    assert "public.messages row id=8" in caplog.text
+    assert "binary" in caplog.text
+
+
+def test_unchanged_toast_values_come_from_the_old_row() -> None:
+    stream = announced()
+    row = message(1, "u-ann", "u-ben")
+    stream.transaction(insert(MESSAGES_RULE, row))
+    old = values(MESSAGES_RULE, row)
+    stream.transaction(Update(MESSAGES_ID, old, [UNCHANGED, UNCHANGED, "now", UNCHANGED], "O"))
+    assert stream.state.users == {}
+    read = values(MESSAGES_RULE, {**row, "read_at": "now"})
+    stream.transaction(Update(MESSAGES_ID, read, [UNCHANGED, "u-ann", None, "1"], "O"))
+    assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
