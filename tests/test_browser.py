@@ -201,3 +201,29 @@ def test_refused_token_is_reported_and_not_retried(database: Database, page: Pag
 
         page.goto(f"{service.url}/", wait_until="domcontentloaded")
         expect(app).to_have_attribute("data-state", "unauthorized")
+
+
+def test_client_loads_as_a_module_and_takes_a_token_function(
+    database: Database, page: Page
+) -> None:
+    with running_service(database.dsn, database.slot) as service:
+        message(database.dsn, DAD)
+        page.goto(f"{service.url}/healthz")
+        result = page.evaluate(
+            """async (token) => {
+                await import("/badges.js");
+                return await new Promise((resolve) => {
+                    const client = globalThis.ReplicatorBadges.connect("/v1/badges/stream", {
+                        token: async () => token,
+                        onChange(state, status) {
+                            client.close();
+                            resolve({ state, status });
+                        },
+                    });
+                });
+            }""",
+            service.token(DEMO_USER),
+        )
+    assert result["state"]["user_id"] == DEMO_USER
+    assert result["state"]["unread_messages"] == {DAD: 1}
+    assert result["status"] == {"connected": True, "live": True, "lagMs": 0, "error": None}
