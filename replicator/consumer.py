@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import anyio
 import psycopg
 
+from replicator import wal2json
 from replicator.badges import Applier, BadgeState
 from replicator.errors import (
+    ConfigError,
     DatabaseSetupError,
     ReplicationLost,
     ReplicatorError,
@@ -20,6 +22,7 @@ from replicator.errors import (
 )
 from replicator.lsn import format_lsn
 from replicator.replication import ReplicationConnection
+from replicator.settings import DECODERS
 from replicator.snapshot import (
     check_publication,
     clear_leftover_slot,
@@ -56,6 +59,8 @@ class ConsumerOptions:
     status_interval: float = 10.0
     #: seconds without draining the socket after which the stream no longer counts as caught up
     caught_up_window: float = 5.0
+    #: output plugin: pgoutput, or wal2json (format-version 2) on servers that have it
+    decoder: str = "pgoutput"
 
 
 class Consumer:
@@ -73,11 +78,14 @@ class Consumer:
         on_commit: Callable[[int, set[str]], None] | None = None,
         on_live: Callable[[bool], None] | None = None,
     ) -> None:
+        if options.decoder not in DECODERS:
+            raise ConfigError(f"decoder {options.decoder!r} is unknown; use pgoutput or wal2json")
         self.options = options
         self.state = BadgeState()
         self._on_commit = on_commit
         self._on_live = on_live
         self.applier = Applier(self.state, schema=options.schema, on_commit=on_commit)
+        self._wal2json = self._attach_wal2json()
         self.live = False
         self.error: str | None = None
         self.snapshot_seconds = 0.0
@@ -167,7 +175,7 @@ class Consumer:
         repl = await ReplicationConnection.open(opts.dsn)
         self._repl = repl
         started = time.monotonic()
-        consistent_point, snapshot = await repl.create_slot(opts.slot, "pgoutput")
+        consistent_point, snapshot = await repl.create_slot(opts.slot, opts.decoder)
         self._slot_created = True
         state = BadgeState()
         # The exported snapshot dies with the replication connection's next command, so it
@@ -194,6 +202,7 @@ class Consumer:
         self.state = state
         self.applier = Applier(state, schema=self.options.schema, on_commit=self._on_commit)
         self.applier.applied_lsn = lsn
+        self._wal2json = self._attach_wal2json()
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
 
@@ -204,11 +213,14 @@ class Consumer:
 
     async def _start_streaming(self, lsn: int, *, first: bool) -> None:
         assert self._repl is not None
-        options = {
-            "proto_version": "1",
-            "publication_names": self.options.publication,
-            "messages": "true",
-        }
+        if self.options.decoder == "wal2json":
+            options = wal2json.stream_options(self.options.schema)
+        else:
+            options = {
+                "proto_version": "1",
+                "publication_names": self.options.publication,
+                "messages": "true",
+            }
         try:
             await self._repl.start(self.options.slot, lsn, options)
         except SlotInUseError:
@@ -223,8 +235,16 @@ class Consumer:
                 raise SlotMissing(f"replication slot {self.options.slot!r} is gone") from exc
             raise
 
+    def _attach_wal2json(self) -> Callable[[bytes | memoryview, int], None] | None:
+        if self.options.decoder != "wal2json":
+            return None
+        return wal2json.attach(self.applier)
+
     def _on_xlogdata(self, payload: memoryview, lsn: int) -> None:
-        self.applier.apply(payload, lsn)
+        if self._wal2json is None:
+            self.applier.apply(payload, lsn)
+        else:
+            self._wal2json(payload, lsn)
 
     def _on_keepalive(self, keepalive: Keepalive) -> None:
         # Between transactions, everything that committed before wal_end has reached us.
