@@ -72,14 +72,15 @@ def one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def connect(dsn: str) -> Conn:
+def connect(dsn: str, *, statement_timeout: str | None = "30s") -> Conn:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
         raise ReplicatorError(
             f"cannot connect to the database at {describe_dsn(dsn)}: {one_line(exc)}"
         ) from None
-    conn.execute("SET statement_timeout = '30s'")
+    if statement_timeout is not None:
+        conn.execute("SELECT set_config('statement_timeout', %s, false)", (statement_timeout,))
     return conn
 
 
