@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,36 +135,41 @@ class Database:
     slot: str
 
 
-@pytest.fixture
-def database(pg_server: Server) -> Iterator[Database]:
+def create_database(server: Server) -> Database:
     name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    dsn = pg_server.dsn(name)
+    dsn = server.dsn(name)
     migrate(dsn)
-    yield Database(pg_server, name, dsn, slot=f"s_{name}")
-    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-            " WHERE database = %s AND active",
-            (name,),
-        )
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-        )
-        for _ in range(50):
+    return Database(server, name, dsn, slot=f"s_{name}")
+
+
+def drop_database(db: Database) -> None:
+    """Drop the database and every slot in it, whatever state a test left them in."""
+    with psycopg.connect(db.server.admin_dsn, autocommit=True) as conn:
+        for _ in range(100):
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (db.name,),
+            )
             try:
                 conn.execute(
                     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                     " WHERE database = %s",
-                    (name,),
+                    (db.name,),
                 )
                 break
             except psycopg.errors.ObjectInUse:
-                import time
-
                 time.sleep(0.1)
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+        conn.execute(f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def database(pg_server: Server) -> Iterator[Database]:
+    db = create_database(pg_server)
+    yield db
+    drop_database(db)
 
 
 @pytest.fixture
