@@ -27,7 +27,6 @@ from tests.fault_support import (
 from tests.service_support import (
     SECRET,
     EventReader,
-    RunningService,
     open_stream,
     running_service,
     start_service,
