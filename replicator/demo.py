@@ -18,8 +18,16 @@ CONTACTS = {
     "44444444-4444-4444-8444-444444444444": "Grandma",
     "55555555-5555-4555-8555-555555555555": "Sam",
 }
-_LINES = ("are you home?", "dinner at 7", "call me back", "love you", "where are the keys?",
-          "on my way", "did you feed the cat?", "👍")
+_LINES = (
+    "are you home?",
+    "dinner at 7",
+    "call me back",
+    "love you",
+    "where are the keys?",
+    "on my way",
+    "did you feed the cat?",
+    "👍",
+)
 
 
 def seed_demo(dsn: str) -> None:
@@ -58,7 +66,9 @@ async def run_demo_traffic(dsn: str, *, interval: float = 2.0, seed: int | None 
             await anyio.sleep(5)
 
 
-async def _one_change(conn: psycopg.AsyncConnection[tuple[object, ...]], rng: random.Random) -> None:
+async def _one_change(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], rng: random.Random
+) -> None:
     contact = rng.choice(list(CONTACTS))
     action = rng.choices(["message", "read", "missed", "seen"], weights=[50, 25, 15, 10])[0]
     if action == "message":

@@ -4,9 +4,9 @@
 
     ReplicatorError
     ├── ConfigError          a setting has a bad value (names the variable and the value)
-    ├── DatabaseSetupError   the database is not ready for replication (publication, slot, wal_level)
+    ├── DatabaseSetupError   the database is not set up for replication (publication, slot...)
     │   └── SlotInUseError   another process streams from our slot
-    ├── ProtocolError        bytes from the server that we cannot decode (names the byte and the LSN)
+    ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
     ├── SchemaError          a badge table lost a column the badge rules need
     └── ReplicationLost      the replication connection broke; the caller may reconnect
 """

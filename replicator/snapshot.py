@@ -33,7 +33,8 @@ async def check_publication(conn: Conn, publication: str, schema: str) -> None:
     if not all(row):
         raise DatabaseSetupError(
             f"publication {publication!r} does not publish every operation;"
-            f" run ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+            f" run ALTER PUBLICATION {publication}"
+            " SET (publish = 'insert, update, delete, truncate')"
         )
     cur = await conn.execute(
         "SELECT tablename FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s",

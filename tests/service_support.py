@@ -55,7 +55,9 @@ class RunningService:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
-            raise AssertionError(f"service did not exit within {timeout} s of signal {sig}")
+            raise AssertionError(
+                f"service did not exit within {timeout} s of signal {sig}"
+            ) from None
 
 
 def _pump(stream: Any, lines: list[str], found: threading.Event, port: list[int]) -> None:
@@ -68,9 +70,15 @@ def _pump(stream: Any, lines: list[str], found: threading.Event, port: list[int]
     found.set()
 
 
-def start_service(dsn: str, slot: str, *, env: dict[str, str] | None = None,
-                  args: list[str] | None = None, wait_ready: bool = True,
-                  timeout: float = 60) -> RunningService:
+def start_service(
+    dsn: str,
+    slot: str,
+    *,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 60,
+) -> RunningService:
     environ = {
         **os.environ,
         "DATABASE_URL": dsn,
