@@ -59,9 +59,11 @@ def test_verifier_accepts_supabase_style_tokens() -> None:
 
 def test_verifier_accepts_public_key_tokens() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     verifier = TokenVerifier(secret=None, public_key=public)
     assert verifier.verify(jwt.encode(_claims(), key, "ES256")).user_id == ALICE
     other = ec.generate_private_key(ec.SECP256R1())
@@ -103,11 +105,15 @@ def test_bad_tokens_get_401_json(database: Database, path: str) -> None:
 
 def test_admin_route_needs_a_service_role_token(database: Database) -> None:
     with running_service(database.dsn, database.slot) as service:
-        user = _get(service, "/v1/admin/badges",
-                    headers={"Authorization": f"Bearer {service.token(ALICE)}"})
+        user = _get(
+            service, "/v1/admin/badges", headers={"Authorization": f"Bearer {service.token(ALICE)}"}
+        )
         assert user.status_code == 403
-        admin = _get(service, "/v1/admin/badges",
-                     headers={"Authorization": f"Bearer {service.token('ops', admin=True)}"})
+        admin = _get(
+            service,
+            "/v1/admin/badges",
+            headers={"Authorization": f"Bearer {service.token('ops', admin=True)}"},
+        )
         assert admin.status_code == 200
         assert "users" in admin.json()
 
@@ -115,8 +121,9 @@ def test_admin_route_needs_a_service_role_token(database: Database) -> None:
 def test_query_string_tokens_never_reach_the_logs(database: Database) -> None:
     with running_service(database.dsn, database.slot) as service:
         token = service.token(ALICE)
-        with httpx.stream("GET", service.url + "/v1/badges/stream",
-                          params={"access_token": token}, timeout=10) as response:
+        with httpx.stream(
+            "GET", service.url + "/v1/badges/stream", params={"access_token": token}, timeout=10
+        ) as response:
             assert response.status_code == 200
             next(response.iter_lines())
         bad = BAD_TOKENS["wrong signature"]

@@ -42,8 +42,12 @@ async def test_events_follow_every_kind_of_change(
         assert first.data["unread_messages"] == {BOB: 1}
         assert first.id == first.data["lsn"]
 
-        sql(database.dsn, "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
-            CAROL, ALICE)
+        sql(
+            database.dsn,
+            "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+            CAROL,
+            ALICE,
+        )
         event = await alice.next_badges()
         assert event.data["unread_messages"] == {BOB: 1, CAROL: 1}
         assert event.data["total_unread_messages"] == 2
@@ -57,8 +61,12 @@ async def test_events_follow_every_kind_of_change(
         assert event.data["unread_messages"] == {}
         assert event.data["total_unread_messages"] == 0
 
-        sql(database.dsn, "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s,"
-            " 'missed')", BOB, ALICE)
+        sql(
+            database.dsn,
+            "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s, 'missed')",
+            BOB,
+            ALICE,
+        )
         event = await alice.next_badges()
         assert event.data["missed_calls"] == {BOB: 1}
         assert event.data["total_missed_calls"] == 1
@@ -69,7 +77,8 @@ async def test_events_follow_every_kind_of_change(
 
         async with httpx.AsyncClient() as client:
             response = await client.get(
-                service.url + "/v1/badges", headers={"Authorization": f"Bearer {service.token(ALICE)}"}
+                service.url + "/v1/badges",
+                headers={"Authorization": f"Bearer {service.token(ALICE)}"},
             )
         assert response.status_code == 200
         assert response.json() == event.data

@@ -58,8 +58,18 @@ class Serve:
 
     def __init__(self, data_dir: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "serve", "--port", "0",
-             "--data-dir", str(data_dir), "--demo-traffic", "false"],
+            [
+                sys.executable,
+                "-m",
+                "replicator",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--demo-traffic",
+                "false",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

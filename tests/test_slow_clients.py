@@ -62,15 +62,16 @@ async def test_client_that_never_reads_does_not_hold_back_others(database: Datab
                 assert final.data["unread_messages"] == {BOB: CHANGES}
                 await bob.until(lambda d: d["unread_messages"] == {ALICE: 1})
                 after = service.metrics()
-                grown = after["process_resident_memory_bytes"] - before[
-                    "process_resident_memory_bytes"
-                ]
+                grown = (
+                    after["process_resident_memory_bytes"] - before["process_resident_memory_bytes"]
+                )
                 # 10,000 events of ~400 bytes for each stalled stream would be 12 MB if they
                 # queued; a latest-state slot keeps it to socket buffers.
                 assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
-                assert after["replicator_events_published_total"] >= before[
-                    "replicator_events_published_total"
-                ] + 1
+                assert (
+                    after["replicator_events_published_total"]
+                    >= before["replicator_events_published_total"] + 1
+                )
         finally:
             for sock in stalled:
                 sock.close()
