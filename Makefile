@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout psql token clean
+.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout bench-big-transaction psql token clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-decode: $(STAMP)
 
 bench-fanout: $(STAMP)
 	$(BIN)/python benchmarks/fanout.py
+
+bench-big-transaction: $(STAMP)
+	$(BIN)/python benchmarks/big_transaction.py
 
 psql:
 	@psql "$$(cat .replicator/dsn 2>/dev/null || echo 'postgresql://postgres@127.0.0.1:5432/postgres')"
