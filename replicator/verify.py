@@ -2,23 +2,28 @@
 
 The database keeps changing while verify runs, so each attempt pins both sides to one moment:
 
-1. emit a sync point S0 (``pg_logical_emit_message(false, 'replicator.sync', '')``, a
-   non-transactional message in the WAL);
+1. emit a sync point S0: ``pg_logical_emit_message(false, 'replicator.sync', '')``, a
+   non-transactional message in the WAL, in a transaction that then takes an id X0 and
+   commits (which flushes the message, so the service's walsender passes it at once);
 2. in one ``REPEATABLE READ`` transaction, run ``BADGE_QUERIES`` and note the snapshot's
    in-progress transactions (``pg_current_snapshot()``);
-3. emit a sync point S1: every transaction that snapshot sees committed before S1;
+3. emit a sync point S1 the same way: every transaction that snapshot sees committed
+   before S1;
 4. wait, bounded, until the service's ``applied_lsn`` reaches S1, then fetch every user's
    counts from ``/v1/admin/badges`` with a ``service_role`` token. The service now holds
    everything the snapshot sees, and perhaps commits made since;
 5. compare, pair by pair.
 
-The attempt is *exact* when the last transaction the service applied (its ``lsn``) committed
-before S0 and none of the transactions in progress at snapshot time has committed since: then
-no change to the badge tables committed between the snapshot and the fetch, both sides show
-the same moment, and every difference is real. Otherwise a difference may be a commit only
-one side has seen; the attempt is repeated after a growing pause, and only differences seen
-in every attempt, by the same amount, are reported: the service applies each change as a
+The attempt is *exact* when the last transaction the service applied (its ``lsn``)
+committed before S0, and none of the snapshot's in-progress transactions with an id below
+X0 has committed since (a commit record is written before the transaction becomes visible,
+so one of those may be before S0 in the WAL yet unseen by the snapshot; X0 ended before the
+snapshot, so every such transaction is in that list). Then both sides hold the same
+transactions, and every difference is real. Otherwise a difference may be a commit only one
+side has seen; the attempt is repeated after a growing pause, and only differences seen in
+every attempt, by the same amount, are reported: the service applies each change as a
 delta, so a real error is a fixed offset on its pair, while a race comes and goes.
+
 Exit code 0 when nothing differs, 1 when something does.
 """
 
@@ -29,7 +34,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -181,33 +185,37 @@ class ServiceClient:
         return body
 
 
-def emit_sync_point(conn: Conn, *, flush: bool = False) -> int:
-    """A position in the WAL after every commit so far.
+@dataclass(frozen=True)
+class SyncPoint:
+    #: the message's position in the WAL
+    lsn: int
+    #: a transaction id taken after the message: above every one that committed before it
+    xid: int
 
-    A walsender sends only flushed WAL, and the message alone is not flushed; with ``flush``
-    it is written in a transaction that takes a transaction id, whose commit flushes it, so
-    the service can reach it at once. That transaction changes nothing, so the service never
-    sees it.
+
+def emit_sync_point(conn: Conn) -> SyncPoint:
+    """A position in the WAL after every commit so far, and a transaction id after theirs.
+
+    The message is written in a transaction that then takes a transaction id, whose commit
+    flushes the message: a walsender sends only flushed WAL, so the service can pass the
+    point at once. That transaction changes nothing, so the service never sees it.
     """
     try:
-        if flush:
-            conn.execute("BEGIN")
-            conn.execute("SET LOCAL synchronous_commit = on")
+        conn.execute("BEGIN")
+        conn.execute("SET LOCAL synchronous_commit = on")
         row = conn.execute(
             "SELECT pg_logical_emit_message(false, 'replicator.sync', '')::text"
         ).fetchone()
-        if flush:
-            conn.execute("SELECT pg_current_xact_id()")
-            conn.execute("COMMIT")
+        xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        conn.execute("COMMIT")
     except psycopg.Error as exc:
-        if flush:
-            conn.execute("ROLLBACK")
+        conn.execute("ROLLBACK")
         raise ReplicatorError(f"cannot emit a sync point: {one_line(exc)}") from None
-    assert row is not None
-    return parse_lsn(str(row[0]))
+    assert row is not None and xid is not None
+    return SyncPoint(parse_lsn(str(row[0])), int(xid[0]))
 
 
-def read_database(conn: Conn, schema: str) -> tuple[Flat, list[str]]:
+def read_database(conn: Conn, schema: str) -> tuple[Flat, list[int]]:
     """The badge queries in one snapshot, and the transactions in progress at that snapshot."""
     flat: Flat = {}
     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -216,7 +224,7 @@ def read_database(conn: Conn, schema: str) -> tuple[Flat, list[str]]:
             "SELECT array(SELECT pg_snapshot_xip(pg_current_snapshot()))::text[]"
         ).fetchone()
         assert row is not None
-        in_progress = [str(xid) for xid in row[0]]
+        in_progress = [int(xid) for xid in row[0]]
         for badge in (UNREAD, MISSED):
             query = sql.SQL(BADGE_QUERIES[badge]).format(schema=sql.Identifier(schema))
             name = BADGE_NAMES[badge]
@@ -229,12 +237,19 @@ def read_database(conn: Conn, schema: str) -> tuple[Flat, list[str]]:
     return flat, in_progress
 
 
-def committed_since(conn: Conn, in_progress: Iterable[str]) -> bool:
-    xids = list(in_progress)
+def unseen_commits(conn: Conn, in_progress: list[int], before: SyncPoint) -> bool:
+    """Whether a transaction the snapshot did not see may have committed before ``before``.
+
+    Such a transaction had an id below the sync point's, whose transaction ended before the
+    snapshot was taken: so it was in the snapshot's in-progress list. It counts once it has
+    committed.
+    """
+    xids = [str(xid) for xid in in_progress if xid < before.xid]
     if not xids:
         return False
     row = conn.execute(
-        "SELECT count(*) FROM unnest(%s::text[]::xid8[]) x WHERE pg_xact_status(x) = 'committed'",
+        "SELECT EXISTS (SELECT 1 FROM unnest(%s::text[]::xid8[]) x"
+        " WHERE pg_xact_status(x) = 'committed')",
         (xids,),
     ).fetchone()
     return bool(row and row[0])
@@ -254,13 +269,17 @@ def verify(
     for attempt in range(1, attempts + 1):
         before = emit_sync_point(conn)
         database, in_progress = read_database(conn, schema)
-        sync = emit_sync_point(conn, flush=True)
-        client.wait_applied(sync, sync_timeout)
+        sync = emit_sync_point(conn)
+        client.wait_applied(sync.lsn, sync_timeout)
         body = client.badges()
         state_lsn = parse_lsn(str(body["lsn"]))
         applied = parse_lsn(str(body["applied_lsn"]))
         differences = compare(flatten_service(body.get("users") or {}), database)
-        exact = state_lsn < before and applied >= sync and not committed_since(conn, in_progress)
+        exact = (
+            state_lsn < before.lsn
+            and applied >= sync.lsn
+            and not unseen_commits(conn, in_progress, before)
+        )
         found = {d.key: d for d in differences}
         if attempt == 1 or exact:
             persistent = found
@@ -272,7 +291,9 @@ def verify(
             }
         if exact or not persistent or attempt == attempts:
             users = len({key[0] for key in database})
-            return Outcome(sorted(persistent.values()), attempt, exact, sync, users, len(database))
+            return Outcome(
+                sorted(persistent.values()), attempt, exact, sync.lsn, users, len(database)
+            )
         time.sleep(min(pause * 2 ** (attempt - 1), 2.0))
     raise AssertionError("unreachable")
 
