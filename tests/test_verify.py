@@ -10,7 +10,9 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -195,3 +197,45 @@ def test_sync_point_never_reached(service: RunningService) -> None:
         r" \(applied [0-9A-F]+/[0-9A-F]+, streaming\)",
         str(caught.value),
     ), str(caught.value)
+
+
+@pytest.mark.slow
+def test_embedded_default_with_demo_traffic(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    embedded = {
+        "DATABASE_URL": "",
+        "REPLICATOR_JWT_SECRET": "",
+        "REPLICATOR_DATA_DIR": str(data_dir),
+        "REPLICATOR_DEMO_TRAFFIC": "true",
+    }
+    with running_service("", "replicator", env=embedded) as svc:
+        environ = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("REPLICATOR_") and k != "DATABASE_URL"
+        }
+        environ["REPLICATOR_DATA_DIR"] = str(data_dir)
+        # The secret comes from the data directory, the database from the running server.
+        verified = subprocess.run(
+            [sys.executable, "-m", "replicator", "verify", "--url", svc.url],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "agrees with the database" in verified.stdout
+
+        checked = subprocess.run(
+            [sys.executable, "-m", "replicator", "doctor"],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert re.search(
+            r"^ok\s+wal senders\s+.*\(slot replicator is streaming\)$", checked.stdout, re.M
+        )
+        # Neither command stopped the server the service runs on.
+        assert httpx.get(svc.url + "/readyz", timeout=10).status_code == 200
