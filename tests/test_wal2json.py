@@ -680,7 +680,7 @@ async def test_reconnect_resumes_without_counting_twice(wal2json_database: Datab
                     (db.slot,),
                 )
                 with anyio.fail_after(60):
-                    while consumer.reconnects <= round_:  # noqa: ASYNC110
+                    while consumer.reconnects <= round_:
                         await anyio.sleep(0.02)
                 await workload.run(db.dsn, 20)
                 await caught_up(consumer, db.dsn)
