@@ -6,7 +6,10 @@ import anyio
 import psycopg
 import pytest
 
+from replicator.consumer import Consumer, ConsumerOptions
+from replicator.errors import DatabaseSetupError
 from replicator.lsn import parse_lsn
+from replicator.replication import ReplicationConnection
 from tests.conftest import Database
 from tests.support import (
     caught_up,
@@ -138,3 +141,22 @@ async def test_clean_shutdown_drops_the_slot(database: Database) -> None:
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (database.slot,)
         )
         assert await cur.fetchone() == (0,)
+
+
+async def test_missing_output_plugin_is_a_setup_error(database: Database) -> None:
+    """Not a connection loss to retry forever: one clear error naming the plugin."""
+    repl = await ReplicationConnection.open(database.dsn)
+    try:
+        with pytest.raises(DatabaseSetupError, match="output plugin 'no_such_plugin'"):
+            await repl.create_slot(database.slot, "no_such_plugin")
+    finally:
+        await repl.close()
+
+
+async def test_missing_publication_is_a_setup_error(database: Database) -> None:
+    async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
+        await conn.execute("DROP PUBLICATION badges")
+    consumer = Consumer(ConsumerOptions(dsn=database.dsn, slot=database.slot))
+    with pytest.raises(DatabaseSetupError, match="publication 'badges' does not exist"):
+        await consumer.run()
+    assert consumer.error is not None
