@@ -1,0 +1,252 @@
+"""Load process for the fan-out benchmark: many SSE streams on raw asyncio sockets.
+
+Driven by JSON lines on stdin, answering with JSON lines on stdout:
+  {"cmd": "open", "total": N}       open streams until N are up (each has had its first event)
+  {"cmd": "record"}                 forget what was received so far, start recording events
+  {"cmd": "collect", "path": P}     write the recorded events to P as JSON
+Events are recorded as [user index, commit LSN, receive time]; the receive time is
+``time.monotonic()``, the system-wide CLOCK_MONOTONIC that the writer reads too.
+The process ends its streams and exits when stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+from typing import Any, cast
+
+from replicator.auth import mint_token
+from replicator.lsn import parse_lsn
+
+CONNECT_TIMEOUT_S = 30.0
+IN_FLIGHT = 200
+#: RST on close: tens of thousands of client sockets in TIME_WAIT would exhaust the ports
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def user_id(index: int) -> str:
+    return f"00000000-0000-4000-8000-{index:012x}"
+
+
+class Recorder:
+    """What all streams of this process received."""
+
+    def __init__(self) -> None:
+        self.recording = False
+        self.events: list[tuple[int, bytes, float]] = []
+        self.heartbeats = 0
+        self.failed = 0
+        self.ended = 0
+
+
+class SSEStream(asyncio.Protocol):
+    """One ``GET /v1/badges/stream``: headers, chunked transfer coding, SSE events."""
+
+    def __init__(self, index: int, request: bytes, recorder: Recorder) -> None:
+        self.index = index
+        self.request = request
+        self.recorder = recorder
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._head = b""
+        self._chunks = b""
+        self._text = b""
+        self._in_body = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.recorder.ended += 1
+        if not self.ready.done():
+            self.ready.set_result(False)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if not self._in_body:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self._head[:end], self._head[end + 4 :]
+            self._head = b""
+            self._in_body = True
+            if not head.startswith(b"HTTP/1.1 200"):
+                self.recorder.failed += 1
+                if not self.ready.done():
+                    self.ready.set_result(False)
+                self.close()
+                return
+        self._chunks += data
+        chunks = self._chunks
+        pos = 0
+        # Chunked transfer coding: "<hex size>\r\n<bytes>\r\n", repeated.
+        while True:
+            eol = chunks.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(chunks[pos:eol], 16)
+            start = eol + 2
+            if len(chunks) < start + size + 2:
+                break
+            self._text += chunks[start : start + size]
+            pos = start + size + 2
+        self._chunks = chunks[pos:]
+        if b"\n\n" in self._text:
+            *blocks, self._text = self._text.split(b"\n\n")
+            for block in blocks:
+                self._event(block, now)
+
+    def _event(self, block: bytes, now: float) -> None:
+        if block.startswith(b":"):
+            self.recorder.heartbeats += 1
+            return
+        if b"event: badges" not in block:
+            return
+        if not self.ready.done():
+            # The state on connect, not a change: never counted.
+            self.ready.set_result(True)
+            return
+        if self.recorder.recording:
+            start = block.index(b"id: ") + 4
+            end = block.find(b"\n", start)
+            lsn = block[start:] if end < 0 else block[start:end]
+            self.recorder.events.append((self.index, lsn, now))
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            transport.close()
+
+
+class Load:
+    def __init__(self, host: str, port: int, secret: str, first: int, count: int) -> None:
+        self.host = host
+        self.port = port
+        self.secret = secret
+        self.first = first
+        self.count = count
+        self.recorder = Recorder()
+        self.streams: list[SSEStream] = []
+
+    def _request(self, index: int) -> bytes:
+        token = mint_token(self.secret, user_id(index), ttl=6 * 3600)
+        return (
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
+
+    async def _open_one(self, index: int, slots: asyncio.Semaphore) -> bool:
+        loop = asyncio.get_running_loop()
+        async with slots:
+            stream = SSEStream(index, self._request(index), self.recorder)
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: stream, self.host, self.port),
+                    CONNECT_TIMEOUT_S,
+                )
+                ok = await asyncio.wait_for(stream.ready, CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError):
+                ok = False
+            if ok:
+                self.streams.append(stream)
+            else:
+                self.recorder.failed += 1
+                stream.close()
+            return ok
+
+    async def open(self, total: int) -> dict[str, Any]:
+        total = min(total, self.count)
+        started = time.monotonic()
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        wanted = range(self.first + len(self.streams), self.first + total)
+        results = await asyncio.gather(*(self._open_one(i, slots) for i in wanted))
+        return {
+            "open": len(self.streams),
+            "failed": results.count(False),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def record(self) -> dict[str, Any]:
+        rec = self.recorder
+        rec.events = []
+        rec.heartbeats = 0
+        rec.recording = True
+        return {"recording": True}
+
+    def collect(self, path: str) -> dict[str, Any]:
+        rec = self.recorder
+        rec.recording = False
+        events = [[index, parse_lsn(lsn.decode()), t] for index, lsn, t in rec.events]
+        with open(path, "w") as f:
+            json.dump(events, f)
+        return {
+            "events": len(events),
+            "heartbeats": rec.heartbeats,
+            "ended": rec.ended,
+            "open": len(self.streams) - rec.ended,
+        }
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+async def commands(load: Load) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            name = command["cmd"]
+            if name == "open":
+                answer = await load.open(int(command["total"]))
+            elif name == "record":
+                answer = load.record()
+            elif name == "collect":
+                answer = load.collect(command["path"])
+            else:
+                answer = {"error": f"unknown command {name!r}"}
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
+    finally:
+        load.close()
+        await asyncio.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="index of this process's first user")
+    parser.add_argument("--count", type=int, required=True, help="most streams to open")
+    args = parser.parse_args()
+    secret = os.environ["FANOUT_JWT_SECRET"]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    load = Load(args.host, args.port, secret, args.first, args.count)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(commands(load))
+
+
+if __name__ == "__main__":
+    main()
