@@ -3,22 +3,35 @@
 A change touches only the changed users' streams; the event for a user's new state is
 encoded once and the same bytes go to every device of that user. A stream that reads slowly
 keeps one pending event, overwritten by newer ones, so it never delays anyone else.
+
+Heartbeats come from one wheel per interval rather than a timer per stream: each stream sits
+in one of the wheel's slots, chosen at random so that streams opened together do not beat
+together, and a slot's streams are flagged together. With ten thousand idle streams that is a
+few flags per tick instead of ten thousand timers to arm, cancel and collect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
-from sse_starlette import ServerSentEvent
 
 from replicator.badges import BadgeState
 from replicator.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT = b": keep-alive\n\n"
+#: longest wheel tick; shorter intervals (tests) get at least four slots
+MAX_TICK_S = 0.25
+#: beats come this much earlier than the interval, so a late tick never makes one overdue
+BEAT_MARGIN = 0.97
 
 
 class LimitExceeded(Exception):
@@ -45,48 +58,112 @@ def badges_payload(user: str, state: BadgeState) -> dict[str, object]:
 def encode_badges_event(user: str, state: BadgeState) -> bytes:
     payload = badges_payload(user, state)
     data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    event = ServerSentEvent(data=data, event="badges", id=str(payload["lsn"]), sep="\n")
-    return event.encode()  # type: ignore[no-any-return]
+    # JSON text never holds a raw line break, so it is one data line as it stands.
+    return f"id: {payload['lsn']}\nevent: badges\ndata: {data}\n\n".encode()
 
 
 def encode_status_event(live: bool, lag_ms: int) -> bytes:
     data = json.dumps({"live": live, "lag_ms": lag_ms}, separators=(",", ":"))
-    return ServerSentEvent(data=data, event="status", sep="\n").encode()  # type: ignore[no-any-return]
+    return f"event: status\ndata: {data}\n\n".encode()
 
 
 class Subscriber:
-    """One open stream: at most one pending badges event and one pending status event."""
+    """One open stream: at most one pending badges event, one status event, one heartbeat."""
 
-    __slots__ = ("_wake", "badges", "closed", "status", "user")
+    __slots__ = (
+        "_waiter",
+        "aborted",
+        "badges",
+        "beat_slot",
+        "closed",
+        "heartbeat",
+        "send_deadline",
+        "status",
+        "task",
+        "user",
+    )
 
     def __init__(self, user: str) -> None:
         self.user = user
         self.badges: bytes | None = None
         self.status: bytes | None = None
+        self.heartbeat = False
         self.closed = False
-        self._wake: anyio.Event | None = None
+        self.aborted = False
+        #: monotonic time by which the send in progress must be done; 0 when not sending
+        self.send_deadline = 0.0
+        #: the task writing this stream, cancelled if a send overstays its deadline
+        self.task: asyncio.Task[object] | None = None
+        self.beat_slot: set[Subscriber] | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def wait(self, timeout: float) -> None:
-        """Wait until something is pending or ``timeout`` seconds pass."""
-        if self.badges is not None or self.status is not None or self.closed:
-            return
-        wake = self._wake = anyio.Event()
-        with anyio.move_on_after(timeout):
-            await wake.wait()
-        self._wake = None
+    async def wait(self) -> None:
+        """Wait until ``notify`` (something is pending, or the stream should end)."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def close(self, *_: object) -> None:
+        """End the stream after what is pending (shutdown or the client went away)."""
+        self.closed = True
+        self.notify()
+
+    def abort(self) -> None:
+        """Stop a stream stuck in a send: the client has stopped reading."""
+        self.closed = self.aborted = True
+        if self.task is not None:
+            self.task.cancel()
 
     def take(self) -> bytes | None:
+        """What to write next: pending events, else a due heartbeat, else nothing."""
         status, badges = self.status, self.badges
-        self.status = self.badges = None
-        if status is not None and badges is not None:
-            return status + badges
-        return status if status is not None else badges
+        if badges is not None:
+            self.status = self.badges = None
+            self.heartbeat = False
+            return badges if status is None else status + badges
+        if status is not None:
+            self.status = None
+            self.heartbeat = False
+            return status
+        if self.heartbeat:
+            self.heartbeat = False
+            return HEARTBEAT
+        return None
+
+
+class HeartbeatWheel:
+    """Flags each member for a heartbeat once per period, one slot of members per tick."""
+
+    def __init__(self, interval: float) -> None:
+        tick = min(MAX_TICK_S, interval / 4)
+        count = max(1, int(interval * BEAT_MARGIN / tick))
+        self.tick_s = interval * BEAT_MARGIN / count
+        self.slots: list[set[Subscriber]] = [set() for _ in range(count)]
+        self.position = 0
+        self.next_at = time.monotonic() + self.tick_s
+
+    def add(self, sub: Subscriber) -> None:
+        slot = self.slots[random.randrange(len(self.slots))]
+        slot.add(sub)
+        sub.beat_slot = slot
+
+    def turn(self, now: float) -> None:
+        slot = self.slots[self.position]
+        self.position = (self.position + 1) % len(self.slots)
+        for sub in tuple(slot):
+            if sub.send_deadline and now > sub.send_deadline:
+                logger.info("dropping a stream of %s: the client stopped reading", sub.user)
+                sub.abort()
+            else:
+                sub.heartbeat = True
+                sub.notify()
 
 
 @dataclass
@@ -111,6 +188,7 @@ class Hub:
         self.max_per_user = max_per_user
         self.max_total = max_total
         self._by_user: dict[str, set[Subscriber]] = {}
+        self._wheels: dict[float, HeartbeatWheel] = {}
         self._count = 0
         self._closed = False
         self.stats = HubStats()
@@ -145,7 +223,18 @@ class Hub:
         self.stats.streams_opened += 1
         return sub
 
+    def beat(self, sub: Subscriber, interval: float) -> None:
+        """Flag ``sub`` for a heartbeat at least every ``interval`` seconds (``run`` does it)."""
+        wheel = self._wheels.get(interval)
+        if wheel is None:
+            wheel = self._wheels[interval] = HeartbeatWheel(interval)
+        wheel.add(sub)
+
     def unsubscribe(self, sub: Subscriber) -> None:
+        if sub.beat_slot is not None:
+            sub.beat_slot.discard(sub)
+            sub.beat_slot = None
+        sub.task = None
         subs = self._by_user.get(sub.user)
         if subs is None or sub not in subs:
             return
@@ -181,11 +270,29 @@ class Hub:
                 sub.status = event
                 sub.notify()
 
+    async def run(self) -> None:
+        """Turn the heartbeat wheels (and drop streams whose sends overstay) until cancelled."""
+        monotonic = time.monotonic
+        while True:
+            wheels = list(self._wheels.values())
+            now = monotonic()
+            due = min((w.next_at for w in wheels), default=now + MAX_TICK_S)
+            await anyio.sleep(max(0.0, min(due, now + MAX_TICK_S) - now))
+            now = monotonic()
+            for wheel in wheels:
+                # A late loop turns the slots it missed, but never more than once round.
+                for _ in range(len(wheel.slots)):
+                    if wheel.next_at > now:
+                        break
+                    wheel.turn(now)
+                    wheel.next_at += wheel.tick_s
+                if wheel.next_at <= now:
+                    wheel.next_at = now + wheel.tick_s
+
     def close(self) -> None:
         """End every stream promptly (shutdown)."""
         self._closed = True
         for subs in self._by_user.values():
             for sub in subs:
-                sub.closed = True
-                sub.notify()
+                sub.close()
         logger.info("closing %d open streams", self._count)

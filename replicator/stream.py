@@ -1,51 +1,50 @@
-"""The badge event stream: an sse-starlette response with one task per stream, not four."""
+"""The badge event stream: one ASGI response per open stream, kept as small as it can be.
+
+What an idle stream costs is what it keeps while suspended, times ten thousand. So a stream
+is the request's own task waiting on one future, plus one small task that waits for the
+client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
+heartbeat wheel flags heartbeats, and also drops a stream whose send has overstayed
+``send_timeout`` (the client stopped reading), at the stream's next heartbeat slot.
+"""
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import AsyncIterator
+import asyncio
+from time import monotonic
+from typing import Any
 
-import anyio
-from sse_starlette import EventSourceResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from replicator.hub import Hub, Subscriber
+from replicator.hub import HEARTBEAT, Hub, Subscriber
 
 RETRY_MS = 2000
-HEARTBEAT = b": keep-alive\n\n"
+RETRY = b"retry: %d\n" % RETRY_MS
+
+#: the same for every stream, so shared rather than built per response
+RAW_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+]
+START: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": RAW_HEADERS}
+END: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-async def badge_events(
-    hub: Hub, sub: Subscriber, first: bytes, heartbeat: float
-) -> AsyncIterator[bytes]:
-    """The user's whole state at once, then every newer state; a comment line when idle."""
-    monotonic = time.monotonic
-    yield b"retry: %d\n" % RETRY_MS + first
-    hub.stats.events_sent += 1
-    # Each stream starts its heartbeat clock at a random phase, so that thousands of streams
-    # opened together do not all wake in the same instant every interval.
-    next_beat = monotonic() + heartbeat * random.uniform(0.2, 1.0)
-    while not sub.closed:
-        await sub.wait(next_beat - monotonic())
-        data = sub.take()
-        now = monotonic()
-        if data is not None:
-            yield data
-            hub.stats.events_sent += 1
-            next_beat = now + heartbeat
-        elif now >= next_beat:
-            yield HEARTBEAT
-            next_beat = now + heartbeat
+async def until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
-class BadgeStreamResponse(EventSourceResponse):
-    """``EventSourceResponse`` whose stream runs beside the disconnect listener, and nothing else.
+class BadgeStreamResponse(Response):
+    """``text/event-stream`` of the user's state: all of it at once, then each newer state.
 
-    The stream writes its own heartbeats (so no ping task) and the hub ends every stream at
-    shutdown (so no exit-signal watcher): per open stream that is one task besides the
-    request's own, which keeps memory per idle stream small.
+    Ends when the client hangs up, when the hub closes the stream (shutdown), or when a send
+    has not completed within ``send_timeout`` seconds.
     """
+
+    media_type = "text/event-stream"
 
     def __init__(
         self,
@@ -56,33 +55,57 @@ class BadgeStreamResponse(EventSourceResponse):
         heartbeat: float,
         send_timeout: float,
     ) -> None:
-        super().__init__(
-            badge_events(hub, sub, first, heartbeat),
-            ping=0,
-            sep="\n",
-            send_timeout=send_timeout,
-            cleanup_timeout=2,
-        )
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = RAW_HEADERS
         self._hub = hub
         self._sub = sub
+        self._first = first
+        self._heartbeat = heartbeat
+        self._send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub, sub = self._hub, self._sub
         try:
             if scope["method"] == "HEAD":
-                await super().__call__(scope, receive, send)
+                await send(START)
+                await send(END)
                 return
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    try:
-                        await self._stream_response(send)
-                    finally:
-                        tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self._listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        except* OSError:
-            pass  # the client went away, or stopped reading past the send timeout
+            listener = asyncio.get_running_loop().create_task(until_disconnect(receive))
+            listener.add_done_callback(sub.close)
+            try:
+                sub.task = asyncio.current_task()
+                hub.beat(sub, self._heartbeat)
+                await send(START)
+                await self._stream(send)
+            finally:
+                listener.cancel()
+        except asyncio.CancelledError:
+            if not sub.aborted:
+                raise
+            # Ours, from the heartbeat wheel: the client stopped reading, so end its stream.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except OSError:
+            pass  # the client went away mid-send
         finally:
-            self._hub.unsubscribe(self._sub)
+            hub.unsubscribe(sub)
+
+    async def _stream(self, send: Send) -> None:
+        sub, stats, timeout = self._sub, self._hub.stats, self._send_timeout
+        data: bytes | None = RETRY + self._first
+        self._first = b""
+        while True:
+            if data is None:
+                if sub.closed:
+                    break
+                await sub.wait()
+            else:
+                sub.send_deadline = monotonic() + timeout
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                sub.send_deadline = 0.0
+                if data is not HEARTBEAT:
+                    stats.events_sent += 1
+            data = sub.take()
+        await send(END)
