@@ -32,6 +32,7 @@ from replicator.pgoutput import (
     Truncate,
     Type,
     Update,
+    Value,
     Values,
 )
 
@@ -548,6 +549,10 @@ def _decode_or_protocol_error(decoder: Decoder, data: bytes, lsn: int) -> None:
         decoder.decode(memoryview(data), lsn)
     except ProtocolError as exc:
         assert format_lsn(lsn) in str(exc)
+    try:
+        decoder.insert_row(data, lsn)
+    except ProtocolError as exc:
+        assert format_lsn(lsn) in str(exc)
 
 
 @st.composite
@@ -642,3 +647,101 @@ def test_text_values_are_str_and_binary_values_are_bytes(version: str) -> None:
             for values in _values(msg):
                 for value in values:
                     assert value is None or value is UNCHANGED or type(value) is cls
+
+
+# -- the inline Insert path and the compiled readers -------------------------------------------
+
+
+@versions
+def test_insert_row_is_decode_without_the_message(version: str) -> None:
+    for kind in ("text", "binary"):
+        decoder = Decoder()
+        for record, expected in decode_all(version, kind):
+            if isinstance(expected, Insert):
+                assert decoder.insert_row(record.payload, record.lsn) == tuple(expected)
+                assert decoder.insert_row(memoryview(record.payload)) == tuple(expected)
+            msg = decoder.decode(record.payload, record.lsn)
+            if isinstance(msg, Relation):
+                decoder.project(msg.relid, tuple(range(len(msg.columns))))
+
+
+def test_insert_row_rejects_other_messages() -> None:
+    with pytest.raises(ProtocolError, match=r"expected an 'I' message, got 0x42 .* at 0/7"):
+        Decoder().insert_row(b"B" + b"\0" * 20, 7)
+    with pytest.raises(ProtocolError, match="empty pgoutput message at 0/7"):
+        Decoder().insert_row(b"", 7)
+
+
+RELID = 4242
+UUID_COLUMNS = ("a", "b", "c", "d")
+UUID_RELATION = (
+    b"R"
+    + struct.pack(">I", RELID)
+    + b"public\0rows\0f"
+    + struct.pack(">H", len(UUID_COLUMNS))
+    + b"".join(b"\1" + c.encode() + b"\0" + struct.pack(">Ii", 2950, -1) for c in UUID_COLUMNS)
+)
+
+
+def encode_tuple(values: list[Value]) -> bytes:
+    out = [struct.pack(">H", len(values))]
+    for value in values:
+        if value is None:
+            out.append(b"n")
+        elif value is UNCHANGED:
+            out.append(b"u")
+        elif isinstance(value, str):
+            raw = value.encode()
+            out.append(b"t" + struct.pack(">I", len(raw)) + raw)
+        else:
+            assert isinstance(value, bytes)
+            out.append(b"b" + struct.pack(">I", len(value)) + value)
+    return b"".join(out)
+
+
+row_values = st.lists(
+    st.one_of(
+        st.none(),
+        st.just(UNCHANGED),
+        st.text(max_size=40),
+        st.uuids().map(str),
+        st.uuids().map(lambda u: u.bytes),
+        st.binary(max_size=40),
+    ),
+    min_size=len(UUID_COLUMNS),
+    max_size=len(UUID_COLUMNS),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=row_values, slots=st.permutations(range(len(UUID_COLUMNS))), cut=st.integers(0, 4))
+def test_readers_decode_what_was_encoded(values: list[Value], slots: list[int], cut: int) -> None:
+    """Any row, under any projection, through the uuid fast path or the general one."""
+    # the last `cut` slots are dropped from the projection: those columns are skipped
+    projection = tuple(s if s < len(slots) - cut else -1 for s in slots)
+    expected: list[Value] = [None] * (max(projection, default=-1) + 1)
+    for col, slot in enumerate(projection):
+        if slot >= 0:
+            expected[slot] = values[col]
+    insert = b"I" + struct.pack(">I", RELID) + b"N" + encode_tuple(values)
+    update = b"U" + struct.pack(">I", RELID) + b"O" + encode_tuple(values)
+    update += b"N" + encode_tuple(values[::-1])
+    for known_types in (True, False):
+        decoder = Decoder()
+        if known_types:
+            decoder.decode(UUID_RELATION)
+        decoder.project(RELID, projection)
+        assert decoder.insert_row(insert) == (RELID, expected)
+        assert decoder.decode(insert) == Insert(RELID, expected)
+        reversed_expected: list[Value] = [None] * len(expected)
+        for col, slot in enumerate(projection):
+            if slot >= 0:
+                reversed_expected[slot] = values[::-1][col]
+        assert decoder.decode(update) == Update(RELID, expected, reversed_expected, "O")
+        # fewer columns than the relation has: the general path
+        short = b"I" + struct.pack(">I", RELID) + b"N" + encode_tuple(values[:2])
+        partial: list[Value] = [None] * len(expected)
+        for col, slot in enumerate(projection[:2]):
+            if slot >= 0:
+                partial[slot] = values[col]
+        assert decoder.insert_row(short) == (RELID, partial)
