@@ -125,12 +125,14 @@ class ReplicationConnection:
         """
         pgconn = self._pgconn
         get_copy_data = pgconn.get_copy_data
+        consume_input = pgconn.consume_input
         unpack_head = _XLOG_HEAD.unpack_from
         monotonic = time.monotonic
         fd = pgconn.socket
         while True:
             slice_end = monotonic() + _SLICE_S
             count = 0
+            polled = False
             while True:
                 try:
                     nbytes, data = get_copy_data(1)
@@ -154,17 +156,28 @@ class ReplicationConnection:
                             f"unknown copy-both message type {tag:#04x} ({chr(tag)!r})"
                             f" after {format_lsn(self.server_wal_end)}"
                         )
+                    polled = False
                     count += 1
                     if count & 127 == 0 and monotonic() > slice_end:
                         break
                 elif nbytes == 0:
+                    if not polled:
+                        # While the server sends faster than we read, the socket holds more
+                        # already: read it without a round trip through the event loop.
+                        polled = True
+                        try:
+                            consume_input()
+                        except psycopg.Error as exc:
+                            raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                        continue
+                    polled = False
                     self.idle_at = monotonic()
                     wait = self.last_status_at + status_interval - self.idle_at
                     if wait > 0:
                         with anyio.move_on_after(wait):
                             await anyio.wait_readable(fd)
                     try:
-                        pgconn.consume_input()
+                        consume_input()
                     except psycopg.Error as exc:
                         raise ReplicationLost(f"replication stream broke: {exc}") from exc
                     if monotonic() - self.last_status_at >= status_interval:
