@@ -210,7 +210,8 @@ class Applier:
         self.rows += 1
         if new is None:
             return
-        if rule.counts(new):
+        # BadgeRule.counts, inlined
+        if (new[2] is None) if rule.badge == UNREAD else (new[2] == "missed" and new[3] is None):
             user, counterpart = new[0], new[1]
             if type(user) is str and type(counterpart) is str:
                 deltas = self._deltas[rule.badge]
