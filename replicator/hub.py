@@ -5,9 +5,10 @@ encoded once and the same bytes go to every device of that user. A stream that r
 keeps one pending event, overwritten by newer ones, so it never delays anyone else.
 
 Heartbeats come from one wheel per interval rather than a timer per stream: each stream sits
-in one of the wheel's slots, chosen at random so that streams opened together do not beat
-together, and a slot's streams are flagged together. With ten thousand idle streams that is a
-few flags per tick instead of ten thousand timers to arm, cancel and collect.
+in one of the wheel's slots, and each tick looks at one slot's streams and flags a heartbeat
+for those that have been quiet too long. With ten thousand idle streams that is a few
+comparisons per tick instead of ten thousand timers to arm, cancel and collect; first beats
+are placed at random, so streams opened together never beat together.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from replicator.lsn import format_lsn
 logger = logging.getLogger(__name__)
 
 HEARTBEAT = b": keep-alive\n\n"
-#: longest wheel tick; shorter intervals (tests) get at least four slots
+#: how often per heartbeat interval the wheel looks at each stream
+VISITS = 16
+#: longest wheel tick
 MAX_TICK_S = 0.25
-#: beats come this much earlier than the interval, so a late tick never makes one overdue
-BEAT_MARGIN = 0.97
 
 
 class LimitExceeded(Exception):
@@ -77,6 +78,7 @@ class Subscriber:
         "beat_slot",
         "closed",
         "heartbeat",
+        "last_sent",
         "send_deadline",
         "status",
         "task",
@@ -92,6 +94,8 @@ class Subscriber:
         self.aborted = False
         #: monotonic time by which the send in progress must be done; 0 when not sending
         self.send_deadline = 0.0
+        #: monotonic time of the last write (the heartbeat wheel's clock for this stream)
+        self.last_sent = 0.0
         #: the task writing this stream, cancelled if a send overstays its deadline
         self.task: asyncio.Task[object] | None = None
         self.beat_slot: set[Subscriber] | None = None
@@ -139,29 +143,39 @@ class Subscriber:
 
 
 class HeartbeatWheel:
-    """Flags each member for a heartbeat once per period, one slot of members per tick."""
+    """Looks at each member ``VISITS`` times per interval, one slot of members per tick, and
+    flags a heartbeat for a member that has written nothing for so long that waiting for the
+    next look could leave it silent for more than the interval. A stream that carries events
+    so gets no heartbeat it does not need; an idle one gets one about every interval."""
 
     def __init__(self, interval: float) -> None:
-        tick = min(MAX_TICK_S, interval / 4)
-        count = max(1, int(interval * BEAT_MARGIN / tick))
-        self.tick_s = interval * BEAT_MARGIN / count
+        round_s = interval / VISITS
+        count = max(1, round(round_s / MAX_TICK_S))
+        self.tick_s = round_s / count
+        #: written nothing for this long: beat now, the next look (one round later, plus a
+        #: tick for a late loop) would be too late
+        self.quiet_s = interval - round_s - self.tick_s
         self.slots: list[set[Subscriber]] = [set() for _ in range(count)]
         self.position = 0
         self.next_at = time.monotonic() + self.tick_s
 
-    def add(self, sub: Subscriber) -> None:
+    def add(self, sub: Subscriber, now: float) -> None:
         slot = self.slots[random.randrange(len(self.slots))]
         slot.add(sub)
         sub.beat_slot = slot
+        # A random past for the first beat: streams opened together (a restart, a
+        # reconnecting crowd) then beat at spread times rather than in one wave.
+        sub.last_sent = now - random.uniform(0, self.quiet_s)
 
     def turn(self, now: float) -> None:
         slot = self.slots[self.position]
         self.position = (self.position + 1) % len(self.slots)
+        quiet_since = now - self.quiet_s
         for sub in tuple(slot):
             if sub.send_deadline and now > sub.send_deadline:
                 logger.info("dropping a stream of %s: the client stopped reading", sub.user)
                 sub.abort()
-            else:
+            elif sub.last_sent <= quiet_since:
                 sub.heartbeat = True
                 sub.notify()
 
@@ -228,7 +242,7 @@ class Hub:
         wheel = self._wheels.get(interval)
         if wheel is None:
             wheel = self._wheels[interval] = HeartbeatWheel(interval)
-        wheel.add(sub)
+        wheel.add(sub, time.monotonic())
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub.beat_slot is not None:

@@ -94,18 +94,25 @@ class BadgeStreamResponse(Response):
 
     async def _stream(self, send: Send) -> None:
         sub, stats, timeout = self._sub, self._hub.stats, self._send_timeout
-        data: bytes | None = RETRY + self._first
-        self._first = b""
+        first, self._first = RETRY + self._first, b""
+        sub.send_deadline = monotonic() + timeout
+        # Not counted as the stream's last write: its first heartbeat keeps the random
+        # phase the wheel gave it.
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        sub.send_deadline = 0.0
+        stats.events_sent += 1
         while True:
+            data = sub.take()
             if data is None:
                 if sub.closed:
                     break
                 await sub.wait()
-            else:
-                sub.send_deadline = monotonic() + timeout
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-                sub.send_deadline = 0.0
-                if data is not HEARTBEAT:
-                    stats.events_sent += 1
-            data = sub.take()
+                continue
+            now = monotonic()
+            sub.send_deadline = now + timeout
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            sub.send_deadline = 0.0
+            sub.last_sent = now
+            if data is not HEARTBEAT:
+                stats.events_sent += 1
         await send(END)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
+import random
 
 import pytest
 
@@ -39,22 +39,48 @@ def test_badges_event_is_one_sse_block_with_lsn_as_id() -> None:
     assert data["total_unread_messages"] == 2
 
 
-def test_wheel_flags_every_stream_once_per_round_in_spread_slots() -> None:
+def test_wheel_spreads_the_first_beats_of_streams_opened_together() -> None:
     wheel = HeartbeatWheel(15.0)
     subs = [Subscriber(str(i)) for i in range(6000)]
     for sub in subs:
-        wheel.add(sub)
-    assert wheel.tick_s * len(wheel.slots) < 15.0
-    sizes = [len(slot) for slot in wheel.slots]
-    # Random slots: no slot carries a wave of heartbeats.
-    assert max(sizes) < 3 * len(subs) / len(wheel.slots)
-    flagged: Counter[str] = Counter()
-    for _ in wheel.slots:
-        wheel.turn(now=0.0)
-        for sub in subs:
-            if sub.take() == HEARTBEAT:
-                flagged[sub.user] += 1
-    assert set(flagged.values()) == {1} and len(flagged) == len(subs)
+        wheel.add(sub, now=1000.0)
+    ticks = round(15.0 / wheel.tick_s)
+    beats_per_tick, beaten = [], set()
+    for k in range(1, ticks + 1):
+        now = 1000.0 + k * wheel.tick_s
+        wheel.turn(now)
+        beating = [sub for sub in subs if sub.take() == HEARTBEAT]
+        for sub in beating:
+            sub.last_sent = now
+            beaten.add(sub.user)
+        beats_per_tick.append(len(beating))
+    assert len(beaten) == len(subs)  # every stream beat within its first interval
+    # Random phases: no tick carries a wave of heartbeats.
+    assert max(beats_per_tick) < 3 * len(subs) / ticks
+
+
+@pytest.mark.parametrize("interval", [15.0, 0.2])
+def test_a_stream_is_never_silent_longer_than_the_interval(interval: float) -> None:
+    """Simulated time: random events, the wheel turning (sometimes late), heartbeats."""
+    rng = random.Random(7)
+    wheel = HeartbeatWheel(interval)
+    sub = Subscriber("u")
+    wheel.add(sub, now=0.0)
+    written, gaps, beats = 0.0, [], 0
+    next_event = rng.expovariate(1 / interval)
+    for k in range(1, 20_000):
+        now = k * wheel.tick_s + rng.uniform(0, 0.99 * wheel.tick_s)  # a loop running late
+        while next_event <= now:
+            gaps.append(next_event - written)
+            written = sub.last_sent = next_event
+            next_event += rng.expovariate(1 / interval)
+        wheel.turn(now)
+        if sub.take() == HEARTBEAT:
+            beats += 1
+            gaps.append(now - written)
+            written = sub.last_sent = now
+    assert max(gaps) <= interval
+    assert beats > 0
 
 
 @pytest.mark.anyio
@@ -62,8 +88,7 @@ async def test_wheel_drops_a_stream_whose_send_overstays() -> None:
     wheel = HeartbeatWheel(1.0)
     stuck, fine = Subscriber("stuck"), Subscriber("fine")
     for sub in (stuck, fine):
-        wheel.slots[0].add(sub)
-        sub.beat_slot = wheel.slots[0]
+        wheel.add(sub, now=0.0)
 
     async def blocked() -> None:
         await asyncio.Event().wait()
@@ -71,7 +96,8 @@ async def test_wheel_drops_a_stream_whose_send_overstays() -> None:
     stuck.task = asyncio.get_running_loop().create_task(blocked())
     stuck.send_deadline = 10.0
     fine.send_deadline = 0.0
-    wheel.turn(now=11.0)
+    for _ in wheel.slots:
+        wheel.turn(now=11.0)
     with pytest.raises(asyncio.CancelledError):
         await stuck.task
     assert stuck.aborted and stuck.closed
