@@ -239,7 +239,7 @@ def capture(bindir: Path, root: Path, out: Path) -> None:
     with out.open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    print(f"PostgreSQL {version}: {len(records)} messages -> {out.relative_to(Path.cwd())}")
+    print(f"PostgreSQL {version}: {len(records)} messages -> {out}")
 
 
 def main() -> None:
