@@ -4,7 +4,8 @@ What an idle stream costs is what it keeps while suspended, times ten thousand. 
 is the request's own task waiting on one future, plus one small task that waits for the
 client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
 heartbeat wheel flags heartbeats, and also drops a stream whose send has overstayed
-``send_timeout`` (the client stopped reading), at the stream's next heartbeat slot.
+``send_timeout`` (the client stopped reading) the next time it looks at the stream, which
+is at most a sixteenth of the heartbeat interval later.
 """
 
 from __future__ import annotations
