@@ -21,7 +21,8 @@ Heartbeats are part of the idle CPU: N streams cost about N / REPLICATOR_HEARTBE
 writes per second whether anything changes or not. On loopback the kernel bills most of the
 receiving side of each write to the sender, so the service's CPU includes some of the clients'.
 
-Writes ``benchmarks/results/fanout.json`` (one record per N) and ``fanout.png``.
+Writes ``benchmarks/results/fanout.json`` (one record per N) and ``fanout.png``
+(``fanout-quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -607,17 +608,19 @@ def main() -> None:
         record["cpus"] = os.cpu_count()
         record["python"] = platform.python_version()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fanout.json").write_text(json.dumps(records, indent=2) + "\n")
+    # A smoke run never replaces the full results.
+    stem = "fanout-quick" if args.quick else "fanout"
+    (args.out / f"{stem}.json").write_text(json.dumps(records, indent=2) + "\n")
     title = (
         f"replicator fan-out, {os.cpu_count()} cores, Python {platform.python_version()},"
         f" heartbeat {args.heartbeat:g} s"
     )
-    plot(records, args.out / "fanout.png", title)
+    plot(records, args.out / f"{stem}.png", title)
     print()
     print(table(records))
     print()
     print("\n".join(targets(records)))
-    print(f"\nwrote {args.out / 'fanout.json'} and {args.out / 'fanout.png'}")
+    print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
 
 
 if __name__ == "__main__":
