@@ -78,6 +78,16 @@ class ReplicationConnection:
                 f"replication slot {slot!r} already exists; another replicator may be using it"
                 " (set REPLICATOR_SLOT to another name)"
             ) from exc
+        except (psycopg.errors.UndefinedFile, psycopg.errors.InsufficientPrivilege) as exc:
+            # the plugin's library is missing, or the name is not an output plugin
+            raise DatabaseSetupError(
+                f"output plugin {plugin!r} is not available on the server: {_first_line(exc)};"
+                + (
+                    " install postgresql-NN-wal2json or use REPLICATOR_DECODER=pgoutput"
+                    if plugin == "wal2json"
+                    else ""
+                )
+            ) from exc
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             raise DatabaseSetupError(f"cannot create replication slot {slot!r}: {exc}") from exc
         except psycopg.OperationalError as exc:
@@ -207,3 +217,7 @@ class ReplicationConnection:
 
     async def close(self) -> None:
         await self._conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
