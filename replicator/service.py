@@ -75,6 +75,7 @@ class Service:
                 slot=settings.slot,
                 publication=settings.publication,
                 schema=settings.schema,
+                decoder=settings.decoder,
             ),
             on_commit=self._on_commit,
             on_live=self._on_live,
