@@ -22,13 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
+from sse_starlette import ServerSentEvent
 
 from replicator.badges import BadgeState
 from replicator.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT = b": keep-alive\n\n"
+HEARTBEAT: bytes = ServerSentEvent(comment="keep-alive", sep="\n").encode()
 #: how often per heartbeat interval the wheel looks at each stream
 VISITS = 16
 #: longest wheel tick
@@ -57,15 +58,16 @@ def badges_payload(user: str, state: BadgeState) -> dict[str, object]:
 
 
 def encode_badges_event(user: str, state: BadgeState) -> bytes:
+    """The SSE bytes of a user's state, encoded once and shared by all the user's streams."""
     payload = badges_payload(user, state)
     data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    # JSON text never holds a raw line break, so it is one data line as it stands.
-    return f"id: {payload['lsn']}\nevent: badges\ndata: {data}\n\n".encode()
+    event = ServerSentEvent(data, event="badges", id=str(payload["lsn"]), sep="\n")
+    return event.encode()
 
 
 def encode_status_event(live: bool, lag_ms: int) -> bytes:
     data = json.dumps({"live": live, "lag_ms": lag_ms}, separators=(",", ":"))
-    return f"event: status\ndata: {data}\n\n".encode()
+    return ServerSentEvent(data, event="status", sep="\n").encode()
 
 
 class Subscriber:

@@ -14,13 +14,15 @@ import asyncio
 from time import monotonic
 from typing import Any
 
+from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from replicator.hub import HEARTBEAT, Hub, Subscriber
 
 RETRY_MS = 2000
-RETRY = b"retry: %d\n" % RETRY_MS
+#: sent ahead of the first event, inside its block
+RETRY: bytes = ServerSentEvent(retry=RETRY_MS, sep="\n").encode()[:-1]
 
 #: the same for every stream, so shared rather than built per response
 RAW_HEADERS = [
