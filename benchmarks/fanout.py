@@ -386,6 +386,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             for n in clients:
                 records.append(phase(args, dsn, service, loads, n, rss0, workdir))
+            if args.stalled:
+                stalled = open_stalled(service.port, args.stalled)
+                try:
+                    log(f"{args.stalled} more streams that never read, for users already streaming")
+                    record = phase(args, dsn, service, loads, most, rss0, workdir)
+                    record["stalled_clients"] = args.stalled
+                    records.append(record)
+                finally:
+                    for sock in stalled:
+                        sock.close()
             took = service.stop()
             log(f"service with {most} streams stopped in {took:.2f} s")
             for record in records:
@@ -399,6 +409,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 shutil.copyfile(service.logfile, args.service_log)
         shutil.rmtree(workdir, ignore_errors=True)
     return records
+
+
+def open_stalled(port: int, count: int) -> list[socket.socket]:
+    """Streams of users 0..count-1 that are opened and then never read from again."""
+    socks = []
+    for i in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        token = mint_token(SECRET, user_id(i), ttl=6 * 3600)
+        sock.sendall(
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        socks.append(sock)
+    return socks
 
 
 def phase(
@@ -490,10 +516,20 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stalled = [r for r in records if r.get("stalled_clients")]
+    records = [r for r in records if not r.get("stalled_clients")]
     n = [r["clients"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
         left.plot(n, [r[key] for r in records], style, label=key.removesuffix("_ms"))
+    for r in stalled:
+        left.plot(
+            [r["clients"]],
+            [r["p99_ms"]],
+            "kx",
+            markersize=9,
+            label=f"p99 with {r['stalled_clients']} non-reading streams",
+        )
     left.axhline(100, color="grey", linestyle="--", linewidth=0.8, label="p99 target")
     left.set_xscale("log")
     left.set_xlabel("connected SSE streams")
@@ -533,8 +569,9 @@ def table(records: list[dict[str, Any]]) -> str:
     )
     lines = [head]
     for r in records:
+        label = f"{r['clients']}" + ("+stall" if r.get("stalled_clients") else "")
         lines.append(
-            f"{r['clients']:>8} {r['changes_per_s']:>9.0f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f}"
+            f"{label:>8} {r['changes_per_s']:>9.0f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f}"
             f" {r['p99_ms']:>7.1f} {r['events_per_s']:>8.0f} {r['rss_per_stream_kb']:>9.1f}"
             f" {r['cpu_s_per_1000_changes']:>8.3f} {r['marginal_cpu_s_per_1000_changes']:>8.3f}"
             f" {r['idle_cpu_s_per_s'] * 100:>7.1f}%"
@@ -544,6 +581,8 @@ def table(records: list[dict[str, Any]]) -> str:
 
 def targets(records: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, each with the figure measured against it."""
+    stalled = [r for r in records if r.get("stalled_clients")]
+    records = [r for r in records if not r.get("stalled_clients")]
     by_n = {r["clients"]: r for r in records}
     most = by_n[max(by_n)]
     worst = max(records, key=lambda r: r["p99_ms"])
@@ -563,6 +602,12 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"CPU per change at {most['clients']} streams <= 1.2 x at {least['clients']}:"
             f" {raw:.2f} x (all CPU), {marginal:.2f} x (marginal)"
+        )
+    for r in stalled:
+        lines.append(
+            f"with {r['stalled_clients']} more streams that never read: p99"
+            f" {r['p99_ms']:.1f} ms for the {r['clients']} reading streams"
+            f" (without them {by_n[r['clients']]['p99_ms']:.1f} ms)"
         )
     return lines
 
@@ -584,6 +629,12 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4, help="writer connections")
     parser.add_argument("--load-procs", type=int, default=2, help="load processes")
     parser.add_argument(
+        "--stalled",
+        type=int,
+        default=1000,
+        help="then this many more streams that never read, and the largest N again (0: skip)",
+    )
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -601,6 +652,7 @@ def main() -> None:
         args.duration = min(args.duration, 5)
         args.idle = min(args.idle, 3)
         args.settle = min(args.settle, 1)
+        args.stalled = min(args.stalled, 100)
     command = "python benchmarks/fanout.py " + " ".join(sys.argv[1:])
     records = run(args)
     for record in records:
