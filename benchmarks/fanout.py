@@ -150,6 +150,13 @@ class Service:
             time.sleep(0.1)
         raise SystemExit("service did not get ready:\n" + self.log_tail())
 
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise KeyError(name)
+
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -368,7 +375,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         with database(workdir) as dsn:
             env = {
-                "REPLICATOR_MAX_STREAMS": str(most + 1000),
+                "REPLICATOR_MAX_STREAMS": str(most + args.stalled + 1000),
+                # the stalled streams stay open through their phase (10 per stalled user)
+                "REPLICATOR_MAX_STREAMS_PER_USER": "20",
+                "REPLICATOR_SEND_TIMEOUT_S": "600",
                 "REPLICATOR_HEARTBEAT_S": str(args.heartbeat),
                 **dict(kv.split("=", 1) for kv in args.service_env),
             }
@@ -387,11 +397,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for n in clients:
                 records.append(phase(args, dsn, service, loads, n, rss0, workdir))
             if args.stalled:
-                stalled = open_stalled(service.port, args.stalled)
+                log(f"{args.stalled} more streams that never read, for users already streaming")
+                stalled, blocked = open_stalled(service, dsn, args.stalled)
+                log(f"{blocked} of them blocked in a write")
                 try:
-                    log(f"{args.stalled} more streams that never read, for users already streaming")
                     record = phase(args, dsn, service, loads, most, rss0, workdir)
                     record["stalled_clients"] = args.stalled
+                    record["stalled_blocked_at_start"] = blocked
+                    record["stalled_blocked_at_end"] = int(
+                        service.metric("replicator_streams_blocked")
+                    )
                     records.append(record)
                 finally:
                     for sock in stalled:
@@ -411,20 +426,54 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def open_stalled(port: int, count: int) -> list[socket.socket]:
-    """Streams of users 0..count-1 that are opened and then never read from again."""
+STALLED_USERS = 100
+#: distinct senders of each stalled user: its badge events weigh ~20 kB, as a busy inbox's do
+STALLED_SENDERS = 500
+
+
+def open_stalled(service: Service, dsn: str, count: int) -> tuple[list[socket.socket], int]:
+    """``count`` streams of users 0..99 that are opened and then never read from again.
+
+    The users get a large inbox and a burst of changes first, so the streams really are stuck
+    in a write (the service's send buffer is full) when the measured phase starts. Returns the
+    sockets and how many streams the service reports blocked.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO messages (sender_id, recipient_id)"
+            " SELECT gen_random_uuid(), ('00000000-0000-4000-8000-' || lpad(to_hex(u), 12, '0'))"
+            "::uuid FROM generate_series(0, %s) u, generate_series(1, %s)",
+            (STALLED_USERS - 1, STALLED_SENDERS),
+        )
     socks = []
     for i in range(count):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        token = mint_token(SECRET, user_id(i), ttl=6 * 3600)
+        sock.connect(("127.0.0.1", service.port))
+        token = mint_token(SECRET, user_id(i % STALLED_USERS), ttl=6 * 3600)
         sock.sendall(
-            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         socks.append(sock)
-    return socks
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # 40 commits per stalled user, each one event of ~20 kB for each of its streams
+        conn.execute(
+            "DO $$ BEGIN FOR i IN 1..40 LOOP FOR u IN 0.."
+            + str(STALLED_USERS - 1)
+            + " LOOP INSERT INTO messages (sender_id, recipient_id) VALUES"
+            " ('10000000-0000-4000-8000-000000000000',"
+            " ('00000000-0000-4000-8000-' || lpad(to_hex(u), 12, '0'))::uuid);"
+            " COMMIT; END LOOP; END LOOP; END $$"
+        )
+    blocked = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        blocked = int(service.metric("replicator_streams_blocked"))
+        if blocked >= count * 0.9:
+            break
+        time.sleep(0.5)
+    return socks, blocked
 
 
 def phase(
@@ -605,7 +654,8 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         )
     for r in stalled:
         lines.append(
-            f"with {r['stalled_clients']} more streams that never read: p99"
+            f"with {r['stalled_clients']} more streams that never read"
+            f" ({r['stalled_blocked_at_start']} blocked in a write): p99"
             f" {r['p99_ms']:.1f} ms for the {r['clients']} reading streams"
             f" (without them {by_n[r['clients']]['p99_ms']:.1f} ms)"
         )

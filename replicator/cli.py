@@ -29,6 +29,8 @@ _HELP = {
     "max_streams_per_user": "open streams allowed per user (default 10)",
     "max_streams": "open streams allowed in total (default 20000)",
     "heartbeat_s": "seconds between comment lines on idle streams (default 15)",
+    "send_timeout_s": "seconds a write to a client that stopped reading may take before its"
+    " stream is closed (default 30)",
     "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
     "log_level": "debug, info, warning or error (default info)",
 }

@@ -221,6 +221,10 @@ class Hub:
     def users_connected(self) -> int:
         return len(self._by_user)
 
+    def blocked(self) -> int:
+        """Streams in the middle of a write: their clients are not reading (fast enough)."""
+        return sum(1 for subs in self._by_user.values() for s in subs if s.send_deadline)
+
     def subscribe(self, user: str) -> Subscriber:
         if self._closed:
             raise LimitExceeded("the service is shutting down", 503)

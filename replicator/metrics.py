@@ -67,6 +67,11 @@ class ReplicatorCollector(Collector):
         )
         yield GaugeMetricFamily("replicator_streams_connected", "open SSE streams", h.connected)
         yield GaugeMetricFamily(
+            "replicator_streams_blocked",
+            "open streams waiting on a client that does not read",
+            h.blocked(),
+        )
+        yield GaugeMetricFamily(
             "replicator_tasks", "tasks alive in the event loop", len(asyncio.all_tasks())
         )
         yield GaugeMetricFamily(

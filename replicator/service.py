@@ -95,6 +95,7 @@ class Service:
             self.hub,
             verifier,
             heartbeat=settings.heartbeat_s,
+            send_timeout=settings.send_timeout_s,
             lifespan=self.lifespan,
         )
         self.server: uvicorn.Server | None = None
@@ -173,10 +174,18 @@ class Service:
         await self.server.serve(sockets=[sock])
 
 
+#: kernel send buffer per connection (Linux doubles it for bookkeeping)
+SEND_BUFFER_BYTES = 128 * 1024
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. Left to autotuning, the kernel would queue up to
+    # several MB for a client that stopped reading before a write ever waits; capped, such a
+    # stream soon blocks, costs little, and is closed after REPLICATOR_SEND_TIMEOUT_S.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     try:
         sock.bind((host, port))
     except OSError as exc:

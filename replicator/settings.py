@@ -30,6 +30,7 @@ class Settings:
     max_streams_per_user: int = 10
     max_streams: int = 20_000
     heartbeat_s: float = 15.0
+    send_timeout_s: float = 30.0
     demo_traffic: bool | None = None
     log_level: str = "INFO"
 
@@ -54,6 +55,7 @@ ENV: dict[str, str] = {
     "max_streams_per_user": "REPLICATOR_MAX_STREAMS_PER_USER",
     "max_streams": "REPLICATOR_MAX_STREAMS",
     "heartbeat_s": "REPLICATOR_HEARTBEAT_S",
+    "send_timeout_s": "REPLICATOR_SEND_TIMEOUT_S",
     "demo_traffic": "REPLICATOR_DEMO_TRAFFIC",
     "log_level": "REPLICATOR_LOG_LEVEL",
 }
@@ -96,6 +98,8 @@ def _parse(key: str, text: str) -> Any:
         return _int(name, text, 1, 1_000_000)
     if key == "heartbeat_s":
         return _float(name, text, 0.05, 300)
+    if key == "send_timeout_s":
+        return _float(name, text, 0.1, 3600)
     if key == "demo_traffic":
         return _bool(name, text)
     if key == "data_dir":

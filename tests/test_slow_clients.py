@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from typing import Any
 
 import anyio
 import psycopg
@@ -17,6 +18,16 @@ pytestmark = pytest.mark.anyio
 ALICE = str(uuid.UUID(int=21, version=4))
 BOB = str(uuid.UUID(int=22, version=4))
 CHANGES = 10_000
+
+
+def commit_each(conn: psycopg.Connection[Any], sender: str, recipient: str, count: int) -> None:
+    """``count`` messages, each in a transaction of its own (so each is one event)."""
+    conn.execute(
+        "DO $$ BEGIN FOR i IN 1.."  # type: ignore[arg-type]
+        + str(count)
+        + f" LOOP INSERT INTO messages (sender_id, recipient_id, body) VALUES ({sender},"
+        f" '{recipient}', repeat('x', 200)); COMMIT; END LOOP; END $$"
+    )
 
 
 def stalled_stream(url: str, token: str) -> socket.socket:
@@ -45,13 +56,7 @@ async def test_client_that_never_reads_does_not_hold_back_others(database: Datab
                 before = service.metrics()
                 assert before["replicator_streams_connected"] == 5
                 with psycopg.connect(database.dsn, autocommit=True) as conn:
-                    with conn.cursor() as cur:
-                        # one change per commit: 10,000 events for Alice's devices
-                        cur.executemany(
-                            "INSERT INTO messages (sender_id, recipient_id, body)"
-                            " VALUES (%s, %s, repeat('x', 200))",
-                            [(BOB, ALICE)] * CHANGES,
-                        )
+                    commit_each(conn, f"'{BOB}'", ALICE, CHANGES)
                     conn.execute(
                         "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
                         (ALICE, BOB),
@@ -79,3 +84,38 @@ async def test_client_that_never_reads_does_not_hold_back_others(database: Datab
         with anyio.fail_after(30):
             while service.metrics()["replicator_streams_connected"] != 0:
                 await anyio.sleep(0.1)
+
+
+async def test_stream_blocked_past_the_send_timeout_is_closed(database: Database) -> None:
+    with running_service(
+        database.dsn, database.slot, env={"REPLICATOR_SEND_TIMEOUT_S": "1"}
+    ) as service:
+        stalled = stalled_stream(service.url, service.token(ALICE))
+        try:
+            async with open_stream(service.url, service.token(BOB)) as bob:
+                await bob.next_badges()
+                with anyio.fail_after(60):
+                    while service.metrics()["replicator_streams_connected"] != 2:
+                        await anyio.sleep(0.05)
+                with psycopg.connect(database.dsn, autocommit=True) as conn:
+                    # a new sender each time: Alice's state, and so each event, keeps growing
+                    commit_each(conn, "gen_random_uuid()", ALICE, 2000)
+                blocked_seen = False
+                with anyio.fail_after(60):
+                    while True:
+                        metrics = service.metrics()
+                        blocked_seen |= metrics["replicator_streams_blocked"] >= 1
+                        if metrics["replicator_streams_connected"] == 1:
+                            break
+                        await anyio.sleep(0.05)
+                assert blocked_seen
+                # Bob's stream, the one that reads, is still there and still served
+                with psycopg.connect(database.dsn, autocommit=True) as conn:
+                    conn.execute(
+                        "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+                        (ALICE, BOB),
+                    )
+                await bob.until(lambda d: d["unread_messages"] == {ALICE: 1})
+        finally:
+            stalled.close()
+    assert "the client stopped reading" in service.log
