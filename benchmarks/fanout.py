@@ -582,6 +582,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         )
     left.axhline(100, color="grey", linestyle="--", linewidth=0.8, label="p99 target")
     left.set_xscale("log")
+    left.set_yscale("log")
     left.set_xlabel("connected SSE streams")
     left.set_ylabel("commit -> client latency (ms)")
     left.set_title(f"latency at {records[0]['target_rate']:.0f} changes/s")
