@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.cluster import PostgresCluster, embedded_bindir
+from replicator.errors import ConfigError
 from replicator.migrate import migrate
 
 logger = logging.getLogger(__name__)
@@ -33,19 +36,56 @@ def jwt_secret_in(data_dir: Path) -> str:
     return secret
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
-def embedded_database(data_dir: Path) -> Iterator[EmbeddedDatabase]:
-    """Start (or reuse) the embedded server in ``data_dir``; stop it on the way out."""
+def _serve_lock(data_dir: Path) -> Iterator[None]:
+    """One ``replicator serve`` per data directory; a dead one's lock is taken over."""
+    path = data_dir / "serve.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(path.read_text())
+        if pid != os.getpid() and _alive(pid):
+            raise ConfigError(
+                f"REPLICATOR_DATA_DIR={str(data_dir)!r} is in use by another replicator serve"
+                f" (pid {pid}); stop it or choose another data directory"
+            )
+    path.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextmanager
+def embedded_database(data_dir: Path, *, serve: bool = False) -> Iterator[EmbeddedDatabase]:
+    """Start (or reuse) the embedded server in ``data_dir``, migrated.
+
+    For ``serve`` the server belongs to this process: it is stopped on the way out, even if a
+    killed earlier run left it running. Other commands (migrate, doctor, token) stop it only
+    if they started it, so they never take the database away from a running service.
+    """
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    cluster = PostgresCluster(embedded_bindir(), data_dir / "pgdata")
-    cluster.start()
-    try:
-        dsn = cluster.dsn()
-        (data_dir / "dsn").write_text(dsn + "\n")
-        applied = migrate(dsn)
-        if applied:
-            logger.info("applied migrations: %s", ", ".join(applied))
-        yield EmbeddedDatabase(dsn, jwt_secret_in(data_dir), cluster)
-    finally:
-        cluster.stop()
+    with _serve_lock(data_dir) if serve else contextlib.nullcontext():
+        cluster = PostgresCluster(embedded_bindir(), data_dir / "pgdata")
+        was_running = cluster.initialized() and cluster.is_running()
+        cluster.start()
+        try:
+            dsn = cluster.dsn()
+            (data_dir / "dsn").write_text(dsn + "\n")
+            applied = migrate(dsn)
+            if applied:
+                logger.info("applied migrations: %s", ", ".join(applied))
+            yield EmbeddedDatabase(dsn, jwt_secret_in(data_dir), cluster)
+        finally:
+            if serve or not was_running:
+                cluster.stop()

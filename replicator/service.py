@@ -224,7 +224,7 @@ def serve(settings: Settings) -> int:
         stack.callback(sock.close)
         secret: str | None
         if settings.embedded:
-            db = stack.enter_context(embedded_database(settings.data_dir))
+            db = stack.enter_context(embedded_database(settings.data_dir, serve=True))
             dsn, secret = db.dsn, settings.jwt_secret or db.jwt_secret
         else:
             assert settings.database_url is not None

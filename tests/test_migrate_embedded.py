@@ -132,6 +132,35 @@ def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
         while first.badges()["total_unread_messages"] != seeded + 1:
             assert time.monotonic() < deadline, "insert never counted"
             time.sleep(0.1)
+        # other commands on the same data directory leave the running service's server alone
+        for command in (["migrate"], ["token", DEMO_USER]):
+            result = subprocess.run(
+                [sys.executable, "-m", "replicator", *command, "--data-dir", str(data_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr
+        assert first.badges()["total_unread_messages"] == seeded + 1
+        # and a second service on it is refused with one line
+        second_try = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "replicator",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second_try.returncode == 2
+        assert "is in use by another replicator serve" in second_try.stderr
+        assert first.badges()["total_unread_messages"] == seeded + 1
     finally:
         assert first.stop() == 0
     cluster = PostgresCluster(embedded_bindir(), data_dir / "pgdata")
