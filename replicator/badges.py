@@ -285,7 +285,15 @@ class Applier:
             "relation %s (oid %d) feeds %s", rel.qualified_name, rel.relid, BADGE_NAMES[rule.badge]
         )
 
+    def abandon_transaction(self) -> None:
+        """Forget a transaction cut off by a lost connection: it comes again from its Begin."""
+        self._deltas, self._truncated = ({}, {}), set()
+        self._in_transaction = self._skipping = False
+
     def _begin(self, msg: Begin) -> None:
+        if self._in_transaction:
+            # Only a reconnect puts a Begin inside a transaction; what came before is resent.
+            self.abandon_transaction()
         self._in_transaction = True
         self._skipping = msg.final_lsn < self.applied_lsn
 

@@ -151,6 +151,7 @@ class Consumer:
             except (ReplicationLost, psycopg.OperationalError) as exc:
                 self._set_live(False)
                 await self._close_repl()
+                self.applier.abandon_transaction()
                 wait = backoff.next()
                 logger.warning("%s; retrying in %.1f s", _one_line(exc), wait)
                 self.reconnects += 1

@@ -160,3 +160,24 @@ async def test_missing_publication_is_a_setup_error(database: Database) -> None:
     with pytest.raises(DatabaseSetupError, match="publication 'badges' does not exist"):
         await consumer.run()
     assert consumer.error is not None
+
+
+async def test_connection_lost_mid_transaction_counts_it_once(database: Database) -> None:
+    """The server resends a transaction cut off by a lost connection from its Begin."""
+    workload = Workload(seed=12)
+    async with running_consumer(database.dsn, database.slot) as consumer:
+        async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
+            await workload.big_transaction(conn, 300_000)
+        with anyio.fail_after(120):
+            while not (consumer.applier.in_transaction and consumer.applier.rows > 1000):
+                await anyio.sleep(0.001)
+        async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (database.slot,),
+            )
+        await workload.run(database.dsn, 10)
+        await caught_up(consumer, database.dsn)
+        assert consumer.reconnects >= 1
+        assert state_counts(consumer.state) == await database_counts(database.dsn)
