@@ -63,10 +63,16 @@ async def wait_live(consumer: Consumer, timeout: float = 60) -> None:
 
 @asynccontextmanager
 async def running_consumer(
-    dsn: str, slot: str, *, status_interval: float = 10.0, wait: bool = True
+    dsn: str,
+    slot: str,
+    *,
+    status_interval: float = 10.0,
+    wait: bool = True,
+    decoder: str = "pgoutput",
 ) -> AsyncIterator[Consumer]:
     """A consumer streaming in the background for the duration of the block."""
-    consumer = Consumer(ConsumerOptions(dsn=dsn, slot=slot, status_interval=status_interval))
+    options = ConsumerOptions(dsn=dsn, slot=slot, status_interval=status_interval, decoder=decoder)
+    consumer = Consumer(options)
     async with anyio.create_task_group() as tg:
         tg.start_soon(consumer.run)
         try:
@@ -76,3 +82,48 @@ async def running_consumer(
         finally:
             tg.cancel_scope.cancel()
     await consumer.shutdown()
+
+
+async def check_writes_during_startup(dsn: str, slot: str, *, seed: int, decoder: str) -> None:
+    """Writes running while the slot is created and the snapshot read are counted once."""
+    from tests.workload import Workload
+
+    workload = Workload(seed=seed)
+    stop = anyio.Event()
+
+    async def keep_writing() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            with anyio.fail_after(120):
+                while not stop.is_set():
+                    await workload.transaction(conn)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keep_writing)
+        await anyio.sleep(0.3)
+        async with running_consumer(dsn, slot, decoder=decoder) as consumer:
+            await anyio.sleep(0.5)
+            stop.set()
+            await anyio.sleep(0.1)
+            await caught_up(consumer, dsn)
+            assert state_counts(consumer.state) == await database_counts(dsn)
+            assert consumer.applier.transactions > 0, "some writes should arrive by streaming"
+    assert workload.committed > 20
+
+
+#: the default schema's columns as pgoutput announces them: (name, type oid)
+MESSAGES_COLUMNS = [
+    ("id", 20),
+    ("sender_id", 2950),
+    ("recipient_id", 2950),
+    ("body", 25),
+    ("created_at", 1184),
+    ("read_at", 1184),
+]
+CALLS_COLUMNS = [
+    ("id", 20),
+    ("caller_id", 2950),
+    ("callee_id", 2950),
+    ("status", 25),
+    ("created_at", 1184),
+    ("seen_at", 1184),
+]

@@ -36,6 +36,7 @@ from replicator.pgoutput import (
     Value,
     Values,
 )
+from tests.support import CALLS_COLUMNS, MESSAGES_COLUMNS
 
 MESSAGES_ID, CALLS_ID, MOODS_ID, ELSEWHERE_ID = 16396, 16411, 16437, 17000
 USERS = ("u-ann", "u-ben", "u-cat", "u-dan")
@@ -57,22 +58,6 @@ def relation(
     return Relation(relid, namespace, name, identity, cols)
 
 
-MESSAGES_COLUMNS = [
-    ("id", 20),
-    ("sender_id", 2950),
-    ("recipient_id", 2950),
-    ("body", 25),
-    ("created_at", 1184),
-    ("read_at", 1184),
-]
-CALLS_COLUMNS = [
-    ("id", 20),
-    ("caller_id", 2950),
-    ("callee_id", 2950),
-    ("status", 25),
-    ("created_at", 1184),
-    ("seen_at", 1184),
-]
 MESSAGES = relation(MESSAGES_ID, "messages", MESSAGES_COLUMNS)
 CALLS = relation(CALLS_ID, "calls", CALLS_COLUMNS)
 MOODS = relation(MOODS_ID, "moods", [("id", 23), ("mood", 16431)], identity="d")

@@ -13,6 +13,7 @@ from replicator.replication import ReplicationConnection
 from tests.conftest import Database
 from tests.support import (
     caught_up,
+    check_writes_during_startup,
     database_counts,
     running_consumer,
     state_counts,
@@ -58,26 +59,7 @@ async def test_each_commit_matches_the_database_as_of_that_commit(database: Data
 
 
 async def test_writes_during_startup_are_counted_once(database: Database) -> None:
-    workload = Workload(seed=99)
-    stop = anyio.Event()
-
-    async def keep_writing() -> None:
-        async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
-            with anyio.fail_after(120):
-                while not stop.is_set():
-                    await workload.transaction(conn)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(keep_writing)
-        await anyio.sleep(0.3)
-        async with running_consumer(database.dsn, database.slot) as consumer:
-            await anyio.sleep(0.5)
-            stop.set()
-            await anyio.sleep(0.1)
-            await caught_up(consumer, database.dsn)
-            assert state_counts(consumer.state) == await database_counts(database.dsn)
-            assert consumer.applier.transactions > 0, "some writes should arrive by streaming"
-    assert workload.committed > 20
+    await check_writes_during_startup(database.dsn, database.slot, seed=99, decoder="pgoutput")
 
 
 async def test_confirmed_flush_never_passes_applied_state(database: Database) -> None:

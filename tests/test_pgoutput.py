@@ -35,6 +35,7 @@ from replicator.pgoutput import (
     Value,
     Values,
 )
+from tests.support import CALLS_COLUMNS, MESSAGES_COLUMNS
 
 CAPTURES = Path(__file__).resolve().parent / "captures"
 VERSIONS = ("pg18", "pg15")
@@ -45,23 +46,6 @@ BOB = "0b0b0000-0000-4000-8000-000000000002"
 CAROL = "0ca20100-0000-4000-8000-000000000003"
 CREATED = "2024-05-06 07:08:09.123456+00"
 READ = "2024-05-06 08:00:00+00"
-
-MESSAGES_COLUMNS = [
-    ("id", 20),
-    ("sender_id", 2950),
-    ("recipient_id", 2950),
-    ("body", 25),
-    ("created_at", 1184),
-    ("read_at", 1184),
-]
-CALLS_COLUMNS = [
-    ("id", 20),
-    ("caller_id", 2950),
-    ("callee_id", 2950),
-    ("status", 25),
-    ("created_at", 1184),
-    ("seen_at", 1184),
-]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,14 @@ from replicator.pgoutput import (
 )
 from replicator.wal2json import Decoder, attach, stream_options
 from tests.conftest import TEST_SETTINGS, Database, Server
-from tests.support import Counts, caught_up, database_counts, state_counts, sync_point
+from tests.support import (
+    Counts,
+    caught_up,
+    check_writes_during_startup,
+    database_counts,
+    state_counts,
+    sync_point,
+)
 from tests.wal2json_support import (
     MISSING,
     drop_database,
@@ -642,26 +649,7 @@ async def test_each_commit_matches_the_database_as_of_that_commit(
 @pytest.mark.anyio
 async def test_writes_during_startup_are_counted_once(wal2json_database: Database) -> None:
     db = wal2json_database
-    workload = Workload(seed=98)
-    stop = anyio.Event()
-
-    async def keep_writing() -> None:
-        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
-            with anyio.fail_after(120):
-                while not stop.is_set():
-                    await workload.transaction(conn)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(keep_writing)
-        await anyio.sleep(0.3)
-        async with running_wal2json_consumer(db.dsn, db.slot) as consumer:
-            await anyio.sleep(0.5)
-            stop.set()
-            await anyio.sleep(0.1)
-            await caught_up(consumer, db.dsn)
-            assert state_counts(consumer.state) == await database_counts(db.dsn)
-            assert consumer.applier.transactions > 0, "some writes should arrive by streaming"
-    assert workload.committed > 20
+    await check_writes_during_startup(db.dsn, db.slot, seed=98, decoder="wal2json")
 
 
 @pytest.mark.anyio

@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import anyio
 import psycopg
 from psycopg import sql
 
 from replicator.cluster import system_bindirs
-from replicator.consumer import Consumer, ConsumerOptions
-from tests.support import wait_live
+from replicator.consumer import Consumer
+from tests.support import running_consumer
 
 MISSING = (
     "these tests need a PostgreSQL with the wal2json output plugin: run `make system-deps`"
@@ -82,15 +81,7 @@ async def running_wal2json_consumer(
     dsn: str, slot: str, *, status_interval: float = 10.0
 ) -> AsyncIterator[Consumer]:
     """A consumer on the wal2json decoder, streaming in the background for the block."""
-    options = ConsumerOptions(
-        dsn=dsn, slot=slot, status_interval=status_interval, decoder="wal2json"
-    )
-    consumer = Consumer(options)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(consumer.run)
-        try:
-            await wait_live(consumer)
-            yield consumer
-        finally:
-            tg.cancel_scope.cancel()
-    await consumer.shutdown()
+    async with running_consumer(
+        dsn, slot, status_interval=status_interval, decoder="wal2json"
+    ) as consumer:
+        yield consumer
