@@ -186,7 +186,7 @@ async def _ours(dsn: str, slot: str, start_lsn: int, end_lsn: int) -> tuple[floa
             # created before the writes, as a reconnect does.
             tg.start_soon(
                 repl.stream,
-                consumer._on_xlogdata,
+                consumer.feed,
                 consumer._on_keepalive,
                 lambda: consumer.applier.applied_lsn,
             )

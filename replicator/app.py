@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +175,3 @@ class BadgeApp:
     async def demo_contacts(self, request: Request) -> Response:
         """The demo contacts' names by user id, for the demo page."""
         return JSONResponse(CONTACTS)
-
-
-@asynccontextmanager
-async def no_lifespan(app: Starlette) -> AsyncIterator[None]:
-    yield

@@ -148,13 +148,6 @@ class BadgeState:
         self.lsn = lsn
         return changed
 
-    def totals(self) -> tuple[int, int]:
-        unread = missed = 0
-        for counts in self.users.values():
-            unread += sum(counts[UNREAD].values())
-            missed += sum(counts[MISSED].values())
-        return unread, missed
-
 
 class Applier:
     """Applies decoded pgoutput messages to a ``BadgeState``.

@@ -19,6 +19,7 @@ from replicator.errors import (
     ReplicationLost,
     ReplicatorError,
     SlotInUseError,
+    one_line,
 )
 from replicator.lsn import format_lsn
 from replicator.replication import ReplicationConnection
@@ -81,16 +82,13 @@ class Consumer:
         if options.decoder not in DECODERS:
             raise ConfigError(f"decoder {options.decoder!r} is unknown; use pgoutput or wal2json")
         self.options = options
-        self.state = BadgeState()
         self._on_commit = on_commit
         self._on_live = on_live
-        self.applier = Applier(self.state, schema=options.schema, on_commit=on_commit)
-        self._wal2json = self._attach_wal2json()
+        self._use_state(BadgeState(), 0)
         self.live = False
         self.error: str | None = None
         self.snapshot_seconds = 0.0
         self.snapshot_rows = 0
-        self.started_at = time.monotonic()
         self.reconnects = 0
         self.snapshots = 0
         self._repl: ReplicationConnection | None = None
@@ -143,7 +141,7 @@ class Consumer:
                 self._set_live(True)
                 assert self._repl is not None
                 await self._repl.stream(
-                    self._on_xlogdata,
+                    self.feed,
                     self._on_keepalive,
                     lambda: self.applier.applied_lsn,
                     status_interval=self.options.status_interval,
@@ -153,7 +151,7 @@ class Consumer:
                 await self._close_repl()
                 self.applier.abandon_transaction()
                 wait = backoff.next()
-                logger.warning("%s; retrying in %.1f s", _one_line(exc), wait)
+                logger.warning("%s; retrying in %.1f s", one_line(exc), wait)
                 self.reconnects += 1
                 await anyio.sleep(wait)
             except SlotMissing as exc:
@@ -197,13 +195,22 @@ class Consumer:
         self._replace_state(state, consistent_point)
         await self._start_streaming(consistent_point, first=True)
 
-    def _replace_state(self, state: BadgeState, lsn: int) -> None:
-        old = self.state
-        changed = {u for u in old.users.keys() | state.users.keys() if old.view(u) != state.view(u)}
+    def _use_state(self, state: BadgeState, lsn: int) -> None:
+        """Apply the stream to ``state`` from ``lsn`` on, through the configured decoder."""
         self.state = state
         self.applier = Applier(state, schema=self.options.schema, on_commit=self._on_commit)
         self.applier.applied_lsn = lsn
-        self._wal2json = self._attach_wal2json()
+        #: takes each XLogData payload with its WAL position
+        self.feed: Callable[[bytes | memoryview, int], None] = (
+            wal2json.attach(self.applier)
+            if self.options.decoder == "wal2json"
+            else self.applier.apply
+        )
+
+    def _replace_state(self, state: BadgeState, lsn: int) -> None:
+        old = self.state
+        changed = {u for u in old.users.keys() | state.users.keys() if old.view(u) != state.view(u)}
+        self._use_state(state, lsn)
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
 
@@ -236,17 +243,6 @@ class Consumer:
                 raise SlotMissing(f"replication slot {self.options.slot!r} is gone") from exc
             raise
 
-    def _attach_wal2json(self) -> Callable[[bytes | memoryview, int], None] | None:
-        if self.options.decoder != "wal2json":
-            return None
-        return wal2json.attach(self.applier)
-
-    def _on_xlogdata(self, payload: memoryview, lsn: int) -> None:
-        if self._wal2json is None:
-            self.applier.apply(payload, lsn)
-        else:
-            self._wal2json(payload, lsn)
-
     def _on_keepalive(self, keepalive: Keepalive) -> None:
         # Between transactions, everything that committed before wal_end has reached us.
         self.applier.advance(keepalive.wal_end)
@@ -274,16 +270,12 @@ class Consumer:
                         logger.warning("replication slot %r stayed busy", self.options.slot)
             except psycopg.Error as exc:
                 logger.warning(
-                    "could not drop replication slot %r: %s", self.options.slot, _one_line(exc)
+                    "could not drop replication slot %r: %s", self.options.slot, one_line(exc)
                 )
 
 
 class SlotMissing(ReplicatorError):
     """Our slot disappeared while we were away (an administrator dropped it)."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:

@@ -13,7 +13,7 @@ import psycopg
 
 from replicator.cluster import PostgresCluster, embedded_bindir
 from replicator.embedded import embedded_database
-from replicator.errors import ReplicatorError
+from replicator.errors import ReplicatorError, one_line
 from replicator.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -64,12 +64,6 @@ BADGE_INDEXES = (
         "status = 'missed' AND seen_at IS NULL",
     ),
 )
-
-
-def one_line(exc: BaseException) -> str:
-    """The first meaningful line of a driver error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def connect(dsn: str, *, statement_timeout: str | None = "30s") -> Conn:

@@ -40,3 +40,9 @@ class SchemaError(ReplicatorError):
 
 class ReplicationLost(ReplicatorError):
     """The replication connection is gone; resuming from the last applied LSN is safe."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first meaningful line of an error (driver errors span several), for logs."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -10,7 +10,6 @@ Walsender connections accept only the simple query protocol, so commands carry n
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections.abc import Callable
 
@@ -19,13 +18,24 @@ import anyio.lowlevel
 import psycopg
 from psycopg import pq, sql
 
-from replicator.errors import DatabaseSetupError, ProtocolError, ReplicationLost, SlotInUseError
+from replicator.errors import (
+    DatabaseSetupError,
+    ProtocolError,
+    ReplicationLost,
+    SlotInUseError,
+    one_line,
+)
 from replicator.lsn import format_lsn, parse_lsn
-from replicator.wire import Keepalive, parse_keepalive, standby_status
+from replicator.wire import (
+    XLOGDATA_HEADER,
+    XLOGDATA_POSITIONS,
+    Keepalive,
+    parse_keepalive,
+    standby_status,
+)
 
 logger = logging.getLogger(__name__)
 
-_XLOG_HEAD = struct.Struct(">QQ")
 _XLOGDATA, _KEEPALIVE = 0x77, 0x6B
 #: how long the reader may hold the event loop before letting other tasks run
 _SLICE_S = 0.01
@@ -81,7 +91,7 @@ class ReplicationConnection:
         except (psycopg.errors.UndefinedFile, psycopg.errors.InsufficientPrivilege) as exc:
             # the plugin's library is missing, or the name is not an output plugin
             raise DatabaseSetupError(
-                f"output plugin {plugin!r} is not available on the server: {_first_line(exc)};"
+                f"output plugin {plugin!r} is not available on the server: {one_line(exc)};"
                 + (
                     " install postgresql-NN-wal2json or use REPLICATOR_DECODER=pgoutput"
                     if plugin == "wal2json"
@@ -136,7 +146,7 @@ class ReplicationConnection:
         pgconn = self._pgconn
         get_copy_data = pgconn.get_copy_data
         consume_input = pgconn.consume_input
-        unpack_head = _XLOG_HEAD.unpack_from
+        unpack_positions = XLOGDATA_POSITIONS.unpack_from
         monotonic = time.monotonic
         fd = pgconn.socket
         while True:
@@ -151,9 +161,11 @@ class ReplicationConnection:
                 if nbytes > 0:
                     tag = data[0]
                     if tag == _XLOGDATA:
-                        start, end = unpack_head(data, 1)
+                        if nbytes < XLOGDATA_HEADER:
+                            raise ProtocolError(f"XLogData message of {nbytes} bytes is too short")
+                        start, end = unpack_positions(data, 1)
                         self.server_wal_end = end
-                        on_xlogdata(data[25:], start)
+                        on_xlogdata(data[XLOGDATA_HEADER:], start)
                     elif tag == _KEEPALIVE:
                         keepalive = parse_keepalive(data)
                         if keepalive.wal_end > self.server_wal_end:
@@ -217,7 +229,3 @@ class ReplicationConnection:
 
     async def close(self) -> None:
         await self._conn.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -69,6 +69,12 @@ class Service:
         self.settings = settings
         self.dsn = dsn
         self.demo_traffic = demo_traffic
+        # the hub reads whichever state the consumer holds (a fresh snapshot replaces it)
+        self.hub = Hub(
+            lambda: self.consumer.state,
+            max_per_user=settings.max_streams_per_user,
+            max_total=settings.max_streams,
+        )
         self.consumer = Consumer(
             ConsumerOptions(
                 dsn=dsn,
@@ -77,13 +83,8 @@ class Service:
                 schema=settings.schema,
                 decoder=settings.decoder,
             ),
-            on_commit=self._on_commit,
+            on_commit=self.hub.publish,
             on_live=self._on_live,
-        )
-        self.hub = Hub(
-            lambda: self.consumer.state,
-            max_per_user=settings.max_streams_per_user,
-            max_total=settings.max_streams,
         )
         verifier = TokenVerifier(
             secret=jwt_secret,
@@ -107,15 +108,11 @@ class Service:
     def app(self) -> Starlette:
         return self.web.app
 
-    def _on_commit(self, lsn: int, users: set[str]) -> None:
-        if not self._gc_frozen:
-            self._freeze_gc()
-        self.hub.publish(lsn, users)
-
     def _on_live(self, live: bool) -> None:
         logger.info("replication stream %s", "live" if live else "down")
         self.hub.publish_status(live, int(self.consumer.lag_seconds() * 1000))
         if live and not self._gc_frozen:
+            # the stream goes live right after the snapshot is loaded
             self._freeze_gc()
 
     def _freeze_gc(self) -> None:

@@ -57,11 +57,11 @@ async def check_publication(conn: Conn, publication: str, schema: str) -> None:
         )
 
 
-async def clear_leftover_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bool:
-    """Drop our slot if a previous run left it inactive; refuse if someone streams from it.
+async def _drop_when_released(conn: Conn, slot: str, wait: float) -> bool:
+    """Drop the slot as soon as no walsender holds it; False if there is no such slot.
 
-    A killed predecessor's walsender lets go of the slot as soon as it sees the socket close,
-    so an active slot gets ``wait`` seconds before it counts as another instance's.
+    Raises ``SlotInUseError``, naming the walsender, if the slot is still held after ``wait``
+    seconds.
     """
     deadline = time.monotonic() + wait
     while True:
@@ -73,41 +73,40 @@ async def clear_leftover_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bo
             return False
         active, pid = row
         if not active:
-            break
-        if time.monotonic() >= deadline:
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                return True
+            except psycopg.errors.UndefinedObject:
+                return False
+            except psycopg.errors.ObjectInUse:
+                pass  # taken again between the look and the drop
+        elif time.monotonic() >= deadline:
             raise SlotInUseError(
                 f"replication slot {slot!r} is in use by another process (walsender pid {pid});"
                 " is another replicator running? set REPLICATOR_SLOT to another name"
             )
         await anyio.sleep(0.1)
-    try:
-        await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    except psycopg.errors.UndefinedObject:
-        return False
-    logger.info("dropped leftover replication slot %r from an earlier run", slot)
-    return True
 
 
-async def drop_slot(conn: Conn, slot: str) -> bool:
+async def clear_leftover_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bool:
+    """Drop our slot if a previous run left it inactive; refuse if someone streams from it.
+
+    A killed predecessor's walsender lets go of the slot as soon as it sees the socket close,
+    so an active slot gets ``wait`` seconds before it counts as another instance's.
+    """
+    dropped = await _drop_when_released(conn, slot, wait)
+    if dropped:
+        logger.info("dropped leftover replication slot %r from an earlier run", slot)
+    return dropped
+
+
+async def drop_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bool:
     """Drop our slot once its walsender has let go of it; False if it stayed busy."""
-    for _ in range(50):
-        try:
-            cur = await conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE slot_name = %s AND NOT active",
-                (slot,),
-            )
-            if cur.rowcount:
-                return True
-            cur = await conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-            )
-            if await cur.fetchone() is None:
-                return True
-        except psycopg.errors.ObjectInUse:
-            pass
-        await anyio.sleep(0.1)
-    return False
+    try:
+        await _drop_when_released(conn, slot, wait)
+    except SlotInUseError:
+        return False
+    return True
 
 
 async def read_initial_state(conn: Conn, snapshot: str, schema: str, state: BadgeState) -> int:

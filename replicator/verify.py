@@ -43,8 +43,8 @@ from psycopg import sql
 from replicator.auth import mint_token
 from replicator.badges import BADGE_NAMES, BADGE_QUERIES, MISSED, UNREAD
 from replicator.commands import signing_secret
-from replicator.doctor import Conn, connect, database_dsn, one_line
-from replicator.errors import ReplicatorError
+from replicator.doctor import Conn, connect, database_dsn
+from replicator.errors import ReplicatorError, one_line
 from replicator.lsn import format_lsn, parse_lsn
 from replicator.settings import Settings
 

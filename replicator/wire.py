@@ -8,31 +8,20 @@ from typing import NamedTuple
 
 from replicator.errors import ProtocolError
 
-_XLOGDATA = struct.Struct(">QQq")
+#: the WAL start and end of an XLogData message ('w', start, end, send time, then the payload)
+XLOGDATA_POSITIONS = struct.Struct(">QQ")
+XLOGDATA_HEADER = 1 + XLOGDATA_POSITIONS.size + 8
 _KEEPALIVE = struct.Struct(">QqB")
 _STATUS = struct.Struct(">cQQQqB")
 
 #: microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01)
 PG_EPOCH_OFFSET_US = 946_684_800_000_000
-XLOGDATA_HEADER = 1 + _XLOGDATA.size
-
-
-class XLogData(NamedTuple):
-    start: int
-    end: int
-    send_time: int
 
 
 class Keepalive(NamedTuple):
     wal_end: int
     send_time: int
     reply_requested: bool
-
-
-def parse_xlogdata(data: bytes | memoryview) -> XLogData:
-    if len(data) < XLOGDATA_HEADER:
-        raise ProtocolError(f"XLogData message of {len(data)} bytes is too short")
-    return XLogData(*_XLOGDATA.unpack_from(data, 1))
 
 
 def parse_keepalive(data: bytes | memoryview) -> Keepalive:
