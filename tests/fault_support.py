@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import anyio
@@ -12,7 +11,7 @@ import psycopg
 
 from replicator.lsn import parse_lsn
 from tests.service_support import RunningService
-from tests.support import Counts, database_counts
+from tests.support import Counts, database_counts, sync_point
 from tests.workload import Workload
 
 
@@ -55,26 +54,9 @@ def service_counts(state: dict[str, Any]) -> Counts:
     }
 
 
-async def sync_lsn(dsn: str) -> int:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                cur = await conn.execute(
-                    "SELECT pg_logical_emit_message(false, 'replicator.sync', '')::text"
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                return parse_lsn(str(row[0]))
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            await anyio.sleep(0.2)
-
-
 async def assert_exact(service: RunningService, dsn: str, timeout: float = 120) -> Counts:
     """Wait until the service has applied everything committed so far; compare with the SQL."""
-    target = await sync_lsn(dsn)
+    target = await sync_point(dsn)
     with anyio.fail_after(timeout):
         while True:
             state = await anyio.to_thread.run_sync(admin_state, service)

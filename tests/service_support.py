@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -205,3 +206,15 @@ async def open_stream(
                 await response.aread()
                 raise AssertionError(f"stream refused: {response.status_code} {response.text}")
             yield EventReader(response)
+
+
+def stalled_stream(url: str, token: str) -> socket.socket:
+    """Open a stream on a raw socket with a small receive buffer, then never read from it."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    return sock

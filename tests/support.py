@@ -32,13 +32,23 @@ def state_counts(state: BadgeState) -> Counts:
     return {user: (dict(c[UNREAD]), dict(c[MISSED])) for user, c in state.users.items()}
 
 
-async def sync_point(dsn: str) -> int:
-    """An LSN after every commit so far: a non-transactional logical message."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute("SELECT pg_logical_emit_message(false, 'replicator.sync', '')")
-        row = await cur.fetchone()
-        assert row is not None
-        return parse_lsn(str(row[0]))
+async def sync_point(dsn: str, timeout: float = 60) -> int:
+    """An LSN after every commit so far: a non-transactional logical message.
+
+    Retried while the server cannot be reached (the fault tests restart it).
+    """
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    cur = await conn.execute(
+                        "SELECT pg_logical_emit_message(false, 'replicator.sync', '')::text"
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    return parse_lsn(str(row[0]))
+            except psycopg.OperationalError:
+                await anyio.sleep(0.2)
 
 
 async def wait_applied(consumer: Consumer, lsn: int, timeout: float = 120) -> None:

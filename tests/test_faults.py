@@ -29,6 +29,7 @@ from tests.service_support import (
     EventReader,
     open_stream,
     running_service,
+    stalled_stream,
     start_service,
 )
 from tests.workload import Workload
@@ -144,18 +145,8 @@ async def test_postgres_down_when_the_service_starts(tmp_path: Path) -> None:
             service.stop()
 
 
-def open_idle_streams(url: str, token_for: list[str], count: int) -> list[socket.socket]:
-    host, port = url.removeprefix("http://").split(":")
-    socks = []
-    for i in range(count):
-        sock = socket.create_connection((host, int(port)))
-        token = token_for[i % len(token_for)]
-        sock.sendall(
-            f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        socks.append(sock)
-    return socks
+def open_idle_streams(url: str, tokens: list[str], count: int) -> list[socket.socket]:
+    return [stalled_stream(url, tokens[i % len(tokens)]) for i in range(count)]
 
 
 async def test_sigterm_under_load_exits_promptly_and_drops_the_slot(database: Database) -> None:
@@ -384,8 +375,6 @@ async def test_idle_clients_that_never_read_leak_nothing(database: Database) -> 
         tokens = [service.token(u) for u in workload.people]
         socks = open_idle_streams(service.url, tokens, 1000)
         try:
-            for sock in socks:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             with anyio.fail_after(60):
                 while service.metrics()["replicator_streams_connected"] < 1000:
                     await anyio.sleep(0.1)

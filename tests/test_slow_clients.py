@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from typing import Any
 
@@ -11,7 +10,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Database
-from tests.service_support import open_stream, running_service
+from tests.service_support import open_stream, running_service, stalled_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -28,18 +27,6 @@ def commit_each(conn: psycopg.Connection[Any], sender: str, recipient: str, coun
         + f" LOOP INSERT INTO messages (sender_id, recipient_id, body) VALUES ({sender},"
         f" '{recipient}', repeat('x', 200)); COMMIT; END LOOP; END $$"
     )
-
-
-def stalled_stream(url: str, token: str) -> socket.socket:
-    """Open a stream, then never read from it again."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.sendall(
-        f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
-    )
-    return sock
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ SETUP = [
 ]
 
 
-def _message_sql(sender: str, recipient: str, body: str, read_at: str | None) -> str:
+def message_sql(sender: str, recipient: str, body: str, read_at: str | None = None) -> str:
     read = f"'{read_at}'" if read_at else "NULL"
     return (
         "INSERT INTO messages (sender_id, recipient_id, body, created_at, read_at)"
@@ -70,7 +70,7 @@ def _message_sql(sender: str, recipient: str, body: str, read_at: str | None) ->
 STEPS: list[tuple[str, list[str]]] = [
     (
         "insert",
-        [_message_sql(ALICE, BOB, "hello", None), _message_sql(BOB, ALICE, "hi", READ)],
+        [message_sql(ALICE, BOB, "hello", None), message_sql(BOB, ALICE, "hi", READ)],
     ),
     (
         "call",
@@ -86,21 +86,21 @@ STEPS: list[tuple[str, list[str]]] = [
     ("enum update", ["UPDATE moods SET mood = 'happy', note = 'better' WHERE id = 1"]),
     ("delete", ["DELETE FROM messages WHERE id = 2"]),
     ("enum delete", ["DELETE FROM moods WHERE id = 1"]),
-    ("toast insert", [_message_sql(CAROL, ALICE, TOAST_BODY, None)]),
+    ("toast insert", [message_sql(CAROL, ALICE, TOAST_BODY, None)]),
     ("toast update", [f"UPDATE messages SET read_at = '{READ}' WHERE id = 3"]),
     (
         "savepoint",
         [
-            _message_sql(ALICE, CAROL, "kept", None),
+            message_sql(ALICE, CAROL, "kept", None),
             "SAVEPOINT s",
-            _message_sql(ALICE, CAROL, "rolled back", None),
+            message_sql(ALICE, CAROL, "rolled back", None),
             "ROLLBACK TO SAVEPOINT s",
         ],
     ),
     (
         "transactional message",
         [
-            _message_sql(BOB, CAROL, "with a message", None),
+            message_sql(BOB, CAROL, "with a message", None),
             "SELECT pg_logical_emit_message(true, 'capture', 'inside a transaction')",
         ],
     ),
@@ -109,7 +109,7 @@ STEPS: list[tuple[str, list[str]]] = [
     ("truncate", ["TRUNCATE messages, calls RESTART IDENTITY CASCADE"]),
     (
         "truncate then insert",
-        ["TRUNCATE messages", _message_sql(BOB, ALICE, "after truncate", None)],
+        ["TRUNCATE messages", message_sql(BOB, ALICE, "after truncate", None)],
     ),
     ("truncate one", ["TRUNCATE moods"]),
 ]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import string
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,28 +25,20 @@ from replicator.migrate import migrate
 from replicator.replication import ReplicationConnection
 from replicator.wal2json import stream_options
 from replicator.wire import Keepalive
+from tests.captures.capture import (
+    ALICE,
+    BOB,
+    CAROL,
+    CREATED,
+    READ,
+    STEP_PREFIX,
+    TOAST_BODY,
+)
+from tests.captures.capture import message_sql as _message
 from tests.wal2json_support import MISSING, wal2json_bindir
 
 HERE = Path(__file__).resolve().parent
 SLOT = "capture_wal2json"
-STEP_PREFIX = "capture.step"
-
-ALICE = "0a11ce00-0000-4000-8000-000000000001"
-BOB = "0b0b0000-0000-4000-8000-000000000002"
-CAROL = "0ca20100-0000-4000-8000-000000000003"
-CREATED = "2024-05-06 07:08:09.123456+00"
-READ = "2024-05-06 08:00:00+00"
-# Random letters defeat compression, so the body is stored out of line and an update of
-# another column leaves it out of the new row (unchanged TOAST).
-TOAST_BODY = "".join(random.Random(1).choices(string.ascii_letters + string.digits, k=6000))
-
-
-def _message(sender: str, recipient: str, body: str, read_at: str | None = None) -> str:
-    read = f"'{read_at}'" if read_at else "NULL"
-    return (
-        "INSERT INTO messages (sender_id, recipient_id, body, created_at, read_at)"
-        f" VALUES ('{sender}', '{recipient}', '{body}', '{CREATED}', {read})"
-    )
 
 
 def _call(caller: str, callee: str, status: str) -> str:
