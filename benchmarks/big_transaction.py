@@ -13,10 +13,10 @@ from pathlib import Path
 import anyio
 import psycopg
 
-from replicator.cluster import PostgresCluster, embedded_bindir
-from replicator.consumer import Consumer, ConsumerOptions
-from replicator.lsn import parse_lsn
-from replicator.migrate import migrate
+from replicator.ops.migrate import migrate
+from replicator.pg.lsn import parse_lsn
+from replicator.pipeline.consumer import Consumer, ConsumerOptions
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

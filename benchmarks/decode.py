@@ -42,12 +42,12 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from replicator.cluster import PostgresCluster, embedded_bindir  # noqa: E402
-from replicator.consumer import Consumer, ConsumerOptions  # noqa: E402
-from replicator.lsn import format_lsn, parse_lsn  # noqa: E402
-from replicator.migrate import migrate  # noqa: E402
-from replicator.replication import ReplicationConnection  # noqa: E402
-from replicator.service import event_loop_options  # noqa: E402
+from replicator.ops.migrate import migrate  # noqa: E402
+from replicator.pg.lsn import format_lsn, parse_lsn  # noqa: E402
+from replicator.pg.walsender import ReplicationConnection  # noqa: E402
+from replicator.pipeline.consumer import Consumer, ConsumerOptions  # noqa: E402
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir  # noqa: E402
+from replicator.runtime.service import event_loop_options  # noqa: E402
 
 RESULTS = HERE / "results"
 PUBLICATION = "badges"

@@ -56,9 +56,9 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from replicator.auth import mint_token  # noqa: E402
-from replicator.cluster import PostgresCluster, embedded_bindir  # noqa: E402
-from replicator.migrate import migrate  # noqa: E402
+from replicator.ops.migrate import migrate  # noqa: E402
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir  # noqa: E402
+from replicator.web.auth import mint_token  # noqa: E402
 
 RESULTS = HERE / "results"
 SECRET = "fanout-benchmark-secret-0123456789abcdef"

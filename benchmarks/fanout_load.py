@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any, cast
 
-from replicator.auth import mint_token
-from replicator.lsn import parse_lsn
+from replicator.pg.lsn import parse_lsn
+from replicator.web.auth import mint_token
 
 CONNECT_TIMEOUT_S = 30.0
 IN_FLIGHT = 200

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from replicator.cli import main
+from replicator.ops.cli import main
 
 raise SystemExit(main())

@@ -22,8 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from replicator.cluster import PostgresCluster, embedded_bindir, system_bindirs
-from replicator.migrate import migrate
+from replicator.ops.migrate import migrate
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir, system_bindirs
 
 TEST_SETTINGS = {
     "fsync": "off",

@@ -9,7 +9,7 @@ import anyio
 import httpx
 import psycopg
 
-from replicator.lsn import parse_lsn
+from replicator.pg.lsn import parse_lsn
 from tests.service_support import RunningService
 from tests.support import Counts, database_counts, sync_point
 from tests.workload import Workload

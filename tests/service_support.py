@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 
-from replicator.auth import mint_token
+from replicator.web.auth import mint_token
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 _LISTEN = re.compile(r"listening on http://([\d.]+):(\d+)")

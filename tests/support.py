@@ -9,9 +9,9 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from replicator.badges import BADGE_QUERIES, MISSED, UNREAD, BadgeState
-from replicator.consumer import Consumer, ConsumerOptions
-from replicator.lsn import parse_lsn
+from replicator.badges.state import BADGE_QUERIES, MISSED, UNREAD, BadgeState
+from replicator.pg.lsn import parse_lsn
+from replicator.pipeline.consumer import Consumer, ConsumerOptions
 
 Counts = dict[str, tuple[dict[str, int], dict[str, int]]]
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from replicator.auth import AuthError, TokenVerifier, mint_token
+from replicator.web.auth import AuthError, TokenVerifier, mint_token
 from tests.conftest import Database
 from tests.service_support import SECRET, RunningService, running_service
 

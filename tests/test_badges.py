@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.badges import (
+from replicator.badges.state import (
     CALLS_RULE,
     MESSAGES_RULE,
     MISSED,
@@ -21,7 +21,7 @@ from replicator.badges import (
     BadgeState,
 )
 from replicator.errors import ProtocolError, SchemaError
-from replicator.pgoutput import (
+from replicator.pg.decoding.pgoutput import (
     UNCHANGED,
     Begin,
     Column,
@@ -281,7 +281,7 @@ def _operation(draw: st.DrawFn, model: Model) -> list[Message]:
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_state_equals_a_recount_after_every_commit(data: st.DataObject) -> None:
-    logging.getLogger("replicator.badges").setLevel(logging.ERROR)
+    logging.getLogger("replicator.badges.state").setLevel(logging.ERROR)
     stream = announced()
     model = Model()
     for _ in range(data.draw(st.integers(1, 10), label="transactions")):
@@ -508,7 +508,7 @@ def test_badge_tables_in_another_schema_are_ignored() -> None:
 def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     orphan = message(5, "u-ann", None)
-    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
         stream.transaction(
             insert(MESSAGES_RULE, orphan),
             insert(MESSAGES_RULE, message(6, None, "u-ben")),
@@ -530,7 +530,7 @@ def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -
 def test_unknown_call_status_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     odd = call(7, "u-ann", "u-ben", "voicemail")
-    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
         stream.transaction(insert(CALLS_RULE, odd))
     assert stream.state.users == {}
     assert "public.calls row id=7" in caplog.text
@@ -547,7 +547,7 @@ def test_unknown_call_status_is_skipped_with_a_warning(caplog: pytest.LogCapture
 def test_binary_user_id_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     binary: list[Value] = [b"\x01" * 16, b"\x02" * 16, None, "8"]
-    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
         stream.transaction(Insert(MESSAGES_ID, binary))
     assert stream.state.users == {}
     assert "public.messages row id=8" in caplog.text
@@ -630,7 +630,7 @@ def encode(msg: Message) -> bytes:
 @given(data=st.data())
 def test_applying_bytes_equals_applying_messages(data: st.DataObject) -> None:
     """``Applier.apply`` takes its own path for inserts; it must count exactly the same."""
-    logging.getLogger("replicator.badges").setLevel(logging.ERROR)
+    logging.getLogger("replicator.badges.state").setLevel(logging.ERROR)
     by_message, by_bytes = announced(), Stream()
     for rel in (MESSAGES, CALLS, MOODS, ELSEWHERE):
         by_bytes.applier.apply(encode(rel), 0)
@@ -653,7 +653,7 @@ def test_warnings_on_the_bytes_path_name_the_row(caplog: pytest.LogCaptureFixtur
     stream = Stream()
     stream.applier.apply(encode(MESSAGES), 0)
     stream.applier.apply(encode(CALLS), 0)
-    with caplog.at_level(logging.WARNING, logger="replicator.badges"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
         for msg in (
             Begin(0x100, 0, 1),
             insert(MESSAGES_RULE, message(11, "u-ann", None)),

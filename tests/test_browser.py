@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from replicator.demo import CONTACTS, DEMO_USER
+from replicator.ops.demo import CONTACTS, DEMO_USER
 from tests.conftest import Database
 from tests.service_support import RunningService, running_service, start_service
 

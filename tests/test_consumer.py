@@ -6,10 +6,10 @@ import anyio
 import psycopg
 import pytest
 
-from replicator.consumer import Consumer, ConsumerOptions
 from replicator.errors import DatabaseSetupError
-from replicator.lsn import parse_lsn
-from replicator.replication import ReplicationConnection
+from replicator.pg.lsn import parse_lsn
+from replicator.pg.walsender import ReplicationConnection
+from replicator.pipeline.consumer import Consumer, ConsumerOptions
 from tests.conftest import Database
 from tests.support import (
     caught_up,

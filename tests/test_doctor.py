@@ -13,10 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from replicator.cluster import PostgresCluster, embedded_bindir, free_port
-from replicator.doctor import FAIL, OK, WARN, Check, connect, run_checks
-from replicator.embedded import embedded_database
-from replicator.migrate import migrate
+from replicator.ops.doctor import FAIL, OK, WARN, Check, connect, run_checks
+from replicator.ops.migrate import migrate
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir, free_port
+from replicator.runtime.embedded import embedded_database
 from tests.conftest import Database
 
 CHECKS = [

@@ -15,8 +15,8 @@ import httpx
 import psycopg
 import pytest
 
-from replicator.cluster import PostgresCluster, embedded_bindir
-from replicator.migrate import migrate
+from replicator.ops.migrate import migrate
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 from tests.conftest import TEST_SETTINGS, Database
 from tests.fault_support import (
     assert_exact,

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from replicator.badges import BadgeState
-from replicator.hub import HEARTBEAT, HeartbeatWheel, Hub, Subscriber, encode_badges_event
+from replicator.badges.state import BadgeState
+from replicator.fanout.hub import HEARTBEAT, HeartbeatWheel, Hub, Subscriber, encode_badges_event
 
 
 def test_latest_state_replaces_pending_and_heartbeat_yields_to_events() -> None:

@@ -14,9 +14,9 @@ import httpx
 import psycopg
 import pytest
 
-from replicator.cluster import PostgresCluster, embedded_bindir
-from replicator.demo import DEMO_USER
-from replicator.migrate import migrate
+from replicator.ops.demo import DEMO_USER
+from replicator.ops.migrate import migrate
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 from tests.conftest import Database
 
 

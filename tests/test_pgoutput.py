@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.errors import ProtocolError
-from replicator.lsn import format_lsn, parse_lsn
-from replicator.pgoutput import (
+from replicator.pg.decoding.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,
@@ -35,6 +34,7 @@ from replicator.pgoutput import (
     Value,
     Values,
 )
+from replicator.pg.lsn import format_lsn, parse_lsn
 from tests.support import CALLS_COLUMNS, MESSAGES_COLUMNS
 
 CAPTURES = Path(__file__).resolve().parent / "captures"

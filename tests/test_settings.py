@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from replicator.config.settings import load_settings, require_jwt_key
 from replicator.errors import ConfigError
-from replicator.settings import load_settings, require_jwt_key
 
 BAD = [
     ("REPLICATOR_PORT", "eighty"),

@@ -16,12 +16,12 @@ import httpx
 import psycopg
 import pytest
 
-from replicator.auth import mint_token
-from replicator.cluster import free_port
-from replicator.doctor import connect
 from replicator.errors import ReplicatorError
-from replicator.lsn import parse_lsn
-from replicator.verify import Difference, ServiceClient, compare, verify
+from replicator.ops.doctor import connect
+from replicator.ops.verify import Difference, ServiceClient, compare, verify
+from replicator.pg.lsn import parse_lsn
+from replicator.runtime.cluster import free_port
+from replicator.web.auth import mint_token
 from tests.conftest import Database
 from tests.service_support import SECRET, RunningService, running_service
 from tests.workload import Workload

@@ -18,12 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from replicator.badges import MISSED, UNREAD, Applier, BadgeState
-from replicator.cluster import PostgresCluster
+from replicator.badges.state import MISSED, UNREAD, Applier, BadgeState
 from replicator.errors import ProtocolError, SchemaError
-from replicator.lsn import format_lsn, parse_lsn
-from replicator.migrate import migrate
-from replicator.pgoutput import (
+from replicator.ops.migrate import migrate
+from replicator.pg.decoding.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,
@@ -34,7 +32,9 @@ from replicator.pgoutput import (
     Truncate,
     Update,
 )
-from replicator.wal2json import Decoder, attach, stream_options
+from replicator.pg.decoding.wal2json import Decoder, attach, stream_options
+from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.runtime.cluster import PostgresCluster
 from tests.conftest import TEST_SETTINGS, Database, Server
 from tests.support import (
     Counts,

@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from replicator.cluster import system_bindirs
-from replicator.consumer import Consumer
+from replicator.pipeline.consumer import Consumer
+from replicator.runtime.cluster import system_bindirs
 from tests.support import running_consumer
 
 MISSING = (

@@ -16,11 +16,11 @@ from pathlib import Path
 import anyio
 import psycopg
 
-from replicator.cluster import PostgresCluster, embedded_bindir, system_bindirs
-from replicator.lsn import format_lsn
-from replicator.migrate import migrate
-from replicator.replication import ReplicationConnection
-from replicator.wire import Keepalive
+from replicator.ops.migrate import migrate
+from replicator.pg.lsn import format_lsn
+from replicator.pg.walsender import ReplicationConnection
+from replicator.pg.wire import Keepalive
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir, system_bindirs
 
 HERE = Path(__file__).resolve().parent
 PUBLICATION = "badges"

@@ -18,13 +18,13 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from replicator.badges import BADGE_QUERIES, MISSED, UNREAD
-from replicator.cluster import PostgresCluster
-from replicator.lsn import format_lsn
-from replicator.migrate import migrate
-from replicator.replication import ReplicationConnection
-from replicator.wal2json import stream_options
-from replicator.wire import Keepalive
+from replicator.badges.state import BADGE_QUERIES, MISSED, UNREAD
+from replicator.ops.migrate import migrate
+from replicator.pg.decoding.wal2json import stream_options
+from replicator.pg.lsn import format_lsn
+from replicator.pg.walsender import ReplicationConnection
+from replicator.pg.wire import Keepalive
+from replicator.runtime.cluster import PostgresCluster
 from tests.captures.capture import (
     ALICE,
     BOB,

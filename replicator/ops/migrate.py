@@ -9,7 +9,7 @@ import psycopg
 
 logger = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _LOCK_KEY = 0x7265706C  # "repl": one migrator at a time
 
 

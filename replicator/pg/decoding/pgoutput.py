@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from replicator.errors import ProtocolError
-from replicator.lsn import format_lsn
+from replicator.pg.lsn import format_lsn
 
 
 class _Unchanged:

@@ -9,7 +9,7 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from replicator.badges import BADGE_QUERIES, MISSED, UNREAD, BadgeState
+from replicator.badges.state import BADGE_QUERIES, MISSED, UNREAD, BadgeState
 from replicator.errors import DatabaseSetupError, SlotInUseError
 
 logger = logging.getLogger(__name__)

@@ -15,14 +15,14 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 
-from replicator.app import BadgeApp
-from replicator.auth import TokenVerifier, mint_token
-from replicator.collector import FreezingCollector
-from replicator.consumer import Consumer, ConsumerOptions, log_progress
-from replicator.embedded import embedded_database
+from replicator.config.settings import Settings, require_jwt_key
 from replicator.errors import ConfigError, ReplicatorError
-from replicator.hub import Hub
-from replicator.settings import Settings, require_jwt_key
+from replicator.fanout.hub import Hub
+from replicator.pipeline.consumer import Consumer, ConsumerOptions, log_progress
+from replicator.runtime.collector import FreezingCollector
+from replicator.runtime.embedded import embedded_database
+from replicator.web.app import BadgeApp
+from replicator.web.auth import TokenVerifier, mint_token
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Service:
             tg.start_soon(self.hub.run)
             tg.start_soon(self.collector.run)
             if self.demo_traffic:
-                from replicator.demo import run_demo_traffic
+                from replicator.ops.demo import run_demo_traffic
 
                 tg.start_soon(run_demo_traffic, self.dsn)
             try:
@@ -229,7 +229,7 @@ def serve(settings: Settings) -> int:
         demo = settings.demo_traffic if settings.demo_traffic is not None else settings.embedded
         service = Service(settings, dsn, jwt_secret=secret, demo_traffic=demo)
         if settings.embedded:
-            from replicator.demo import DEMO_USER, seed_demo
+            from replicator.ops.demo import DEMO_USER, seed_demo
 
             seed_demo(dsn)
             assert secret is not None

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import anyio
 import psycopg
 
-from replicator import wal2json
-from replicator.badges import Applier, BadgeState
+from replicator.badges.state import Applier, BadgeState
+from replicator.config.settings import DECODERS
 from replicator.errors import (
     ConfigError,
     DatabaseSetupError,
@@ -21,16 +21,16 @@ from replicator.errors import (
     SlotInUseError,
     one_line,
 )
-from replicator.lsn import format_lsn
-from replicator.replication import ReplicationConnection
-from replicator.settings import DECODERS
-from replicator.snapshot import (
+from replicator.pg.decoding import wal2json
+from replicator.pg.lsn import format_lsn
+from replicator.pg.walsender import ReplicationConnection
+from replicator.pg.wire import Keepalive, pg_time_to_unix
+from replicator.pipeline.snapshot import (
     check_publication,
     clear_leftover_slot,
     drop_slot,
     read_initial_state,
 )
-from replicator.wire import Keepalive, pg_time_to_unix
 
 logger = logging.getLogger(__name__)
 

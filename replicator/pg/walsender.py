@@ -25,8 +25,8 @@ from replicator.errors import (
     SlotInUseError,
     one_line,
 )
-from replicator.lsn import format_lsn, parse_lsn
-from replicator.wire import (
+from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.pg.wire import (
     XLOGDATA_HEADER,
     XLOGDATA_POSITIONS,
     Keepalive,

@@ -11,10 +11,10 @@ from typing import Any, TextIO
 
 import psycopg
 
-from replicator.cluster import PostgresCluster, embedded_bindir
-from replicator.embedded import embedded_database
+from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
-from replicator.settings import Settings
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir
+from replicator.runtime.embedded import embedded_database
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_SERVER_VERSION = 14

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from replicator import __version__
+from replicator.config.settings import ENV, Settings, load_settings
 from replicator.errors import ReplicatorError
-from replicator.settings import ENV, Settings, load_settings
 
 logger = logging.getLogger("replicator")
 
@@ -110,23 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         _setup_logging(settings.log_level)
         if args.command == "serve":
-            from replicator.service import serve
+            from replicator.runtime.service import serve
 
             return serve(settings)
         if args.command == "migrate":
-            from replicator.commands import run_migrate
+            from replicator.ops.commands import run_migrate
 
             return run_migrate(settings)
         if args.command == "doctor":
-            from replicator.doctor import run_doctor
+            from replicator.ops.doctor import run_doctor
 
             return run_doctor(settings)
         if args.command == "verify":
-            from replicator.verify import run_verify
+            from replicator.ops.verify import run_verify
 
             return run_verify(settings, args.url)
         if args.command == "token":
-            from replicator.commands import run_token
+            from replicator.ops.commands import run_token
 
             return run_token(settings, args.user_id, ttl=args.ttl, admin=args.admin)
     except ReplicatorError as exc:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from replicator.auth import mint_token
-from replicator.embedded import embedded_database, jwt_secret_in
+from replicator.config.settings import Settings
 from replicator.errors import ConfigError
-from replicator.migrate import migrate
-from replicator.settings import Settings
+from replicator.ops.migrate import migrate
+from replicator.runtime.embedded import embedded_database, jwt_secret_in
+from replicator.web.auth import mint_token
 
 
 def run_migrate(settings: Settings) -> int:

@@ -13,15 +13,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from replicator.auth import AuthError, Identity, TokenVerifier
-from replicator.demo import CONTACTS
-from replicator.hub import Hub, LimitExceeded, badges_payload, encode_status_event
-from replicator.lsn import format_lsn
-from replicator.metrics import registry_for, render
-from replicator.stream import BadgeStreamResponse
+from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_status_event
+from replicator.ops.demo import CONTACTS
+from replicator.pg.lsn import format_lsn
+from replicator.web.auth import AuthError, Identity, TokenVerifier
+from replicator.web.metrics import registry_for, render
+from replicator.web.stream import BadgeStreamResponse
 
 if TYPE_CHECKING:
-    from replicator.consumer import Consumer
+    from replicator.pipeline.consumer import Consumer
 
 logger = logging.getLogger(__name__)
 

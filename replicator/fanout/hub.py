@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import anyio
 from sse_starlette import ServerSentEvent
 
-from replicator.badges import BadgeState
-from replicator.lsn import format_lsn
+from replicator.badges.state import BadgeState
+from replicator.pg.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from replicator.cluster import PostgresCluster, embedded_bindir
 from replicator.errors import ConfigError
-from replicator.migrate import migrate
+from replicator.ops.migrate import migrate
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 
 logger = logging.getLogger(__name__)
 

@@ -40,13 +40,13 @@ from typing import Any, TextIO
 import psycopg
 from psycopg import sql
 
-from replicator.auth import mint_token
-from replicator.badges import BADGE_NAMES, BADGE_QUERIES, MISSED, UNREAD
-from replicator.commands import signing_secret
-from replicator.doctor import Conn, connect, database_dsn
+from replicator.badges.state import BADGE_NAMES, BADGE_QUERIES, MISSED, UNREAD
+from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
-from replicator.lsn import format_lsn, parse_lsn
-from replicator.settings import Settings
+from replicator.ops.commands import signing_secret
+from replicator.ops.doctor import Conn, connect, database_dsn
+from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.web.auth import mint_token
 
 #: (user, badge name, counterpart) -> count
 Flat = dict[tuple[str, str, str], int]

@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from replicator.errors import ProtocolError, SchemaError
-from replicator.lsn import format_lsn
-from replicator.pgoutput import (
+from replicator.pg.decoding.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,
@@ -28,6 +27,7 @@ from replicator.pgoutput import (
     Update,
     Values,
 )
+from replicator.pg.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from replicator.hub import HEARTBEAT, Hub, Subscriber
+from replicator.fanout.hub import HEARTBEAT, Hub, Subscriber
 
 RETRY_MS = 2000
 #: sent ahead of the first event, inside its block

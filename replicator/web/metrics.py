@@ -12,8 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from replicator.consumer import Consumer
-    from replicator.hub import Hub
+    from replicator.fanout.hub import Hub
+    from replicator.pipeline.consumer import Consumer
 
 
 class ReplicatorCollector(Collector):

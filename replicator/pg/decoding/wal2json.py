@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from replicator import pgoutput
-from replicator.badges import RULES, Applier
+from replicator.badges.state import RULES, Applier
 from replicator.errors import ProtocolError
-from replicator.lsn import format_lsn, parse_lsn
-from replicator.pgoutput import (
+from replicator.pg.decoding import pgoutput
+from replicator.pg.decoding.pgoutput import (
     UNCHANGED,
     Begin,
     Column,
@@ -26,6 +25,7 @@ from replicator.pgoutput import (
     Update,
     Values,
 )
+from replicator.pg.lsn import format_lsn, parse_lsn
 
 Apply = Callable[[Message], None]
 #: a decoded JSON object
