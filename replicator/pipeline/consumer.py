@@ -93,6 +93,7 @@ class Consumer:
         self.snapshots = 0
         self._repl: ReplicationConnection | None = None
         self._slot_created = False
+        self.view = ConsumerView(self)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -272,6 +273,61 @@ class Consumer:
                 logger.warning(
                     "could not drop replication slot %r: %s", self.options.slot, one_line(exc)
                 )
+
+
+class ConsumerView:
+    """What the HTTP layer and metrics read of a consumer: its status and its state, read-only."""
+
+    __slots__ = ("_consumer",)
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    @property
+    def live(self) -> bool:
+        return self._consumer.live
+
+    @property
+    def error(self) -> str | None:
+        return self._consumer.error
+
+    @property
+    def state(self) -> BadgeState:
+        """The counts as of the last applied commit (a fresh snapshot replaces the object)."""
+        return self._consumer.state
+
+    @property
+    def applied_lsn(self) -> int:
+        return self._consumer.applied_lsn
+
+    def lag_bytes(self) -> int:
+        return self._consumer.lag_bytes()
+
+    def lag_seconds(self) -> float:
+        return self._consumer.lag_seconds()
+
+    def caught_up(self) -> bool:
+        return self._consumer.caught_up()
+
+    @property
+    def snapshot_seconds(self) -> float:
+        return self._consumer.snapshot_seconds
+
+    @property
+    def snapshots(self) -> int:
+        return self._consumer.snapshots
+
+    @property
+    def reconnects(self) -> int:
+        return self._consumer.reconnects
+
+    @property
+    def changes_applied(self) -> int:
+        return self._consumer.applier.rows
+
+    @property
+    def transactions_applied(self) -> int:
+        return self._consumer.applier.transactions
 
 
 class SlotMissing(ReplicatorError):

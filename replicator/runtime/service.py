@@ -92,7 +92,7 @@ class Service:
             audience=settings.jwt_audience,
         )
         self.web = BadgeApp(
-            self.consumer,
+            self.consumer.view,
             self.hub,
             verifier,
             heartbeat=settings.heartbeat_s,

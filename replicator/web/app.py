@@ -21,7 +21,7 @@ from replicator.web.metrics import registry_for, render
 from replicator.web.stream import BadgeStreamResponse
 
 if TYPE_CHECKING:
-    from replicator.pipeline.consumer import Consumer
+    from replicator.pipeline.consumer import ConsumerView
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BadgeApp:
 
     def __init__(
         self,
-        consumer: Consumer,
+        consumer: ConsumerView,
         hub: Hub,
         verifier: TokenVerifier,
         *,

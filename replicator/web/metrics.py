@@ -13,18 +13,17 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from replicator.fanout.hub import Hub
-    from replicator.pipeline.consumer import Consumer
+    from replicator.pipeline.consumer import ConsumerView
 
 
 class ReplicatorCollector(Collector):
-    def __init__(self, consumer: Consumer, hub: Hub) -> None:
+    def __init__(self, consumer: ConsumerView, hub: Hub) -> None:
         self.consumer = consumer
         self.hub = hub
         self.started = time.time()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         c, h = self.consumer, self.hub
-        applier = c.applier
         yield GaugeMetricFamily(
             "replicator_replication_live", "1 while the replication stream is up", c.live
         )
@@ -41,9 +40,11 @@ class ReplicatorCollector(Collector):
         yield GaugeMetricFamily(
             "replicator_applied_lsn", "WAL position applied to the state", c.applied_lsn
         )
-        yield CounterMetricFamily("replicator_changes_applied", "row changes applied", applier.rows)
         yield CounterMetricFamily(
-            "replicator_transactions_applied", "transactions applied", applier.transactions
+            "replicator_changes_applied", "row changes applied", c.changes_applied
+        )
+        yield CounterMetricFamily(
+            "replicator_transactions_applied", "transactions applied", c.transactions_applied
         )
         yield CounterMetricFamily(
             "replicator_reconnects", "replication reconnect attempts", c.reconnects
@@ -85,7 +86,7 @@ class ReplicatorCollector(Collector):
         )
 
 
-def registry_for(consumer: Consumer, hub: Hub) -> CollectorRegistry:
+def registry_for(consumer: ConsumerView, hub: Hub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ReplicatorCollector(consumer, hub))
     # resident memory, CPU seconds and open file descriptors of this process
