@@ -76,9 +76,9 @@ async def one_case(dsn: str, rows: int, users: int, slot: str) -> dict[str, obje
         with Sampler() as sampler:
             started = time.monotonic()
             with anyio.fail_after(900):
-                while consumer.applied_lsn < target and consumer.applier.rows < rows:
+                while consumer.applied_lsn < target and consumer.feed.rows < rows:
                     await anyio.sleep(0.05)
-                while consumer.applier.transactions < 2:
+                while consumer.feed.transactions < 2:
                     await anyio.sleep(0.05)
             elapsed = time.monotonic() - started
         tg.cancel_scope.cancel()

@@ -161,12 +161,12 @@ async def _ours(dsn: str, slot: str, start_lsn: int, end_lsn: int) -> tuple[floa
 
     def on_commit(lsn: int, users: set[str]) -> None:
         nonlocal done_at
-        if consumer.applier.applied_lsn >= end_lsn and not done_at:
+        if consumer.feed.applied_lsn >= end_lsn and not done_at:
             done_at = time.perf_counter()
             finished.set()
 
     consumer = Consumer(ConsumerOptions(dsn=dsn, slot=slot), on_commit=on_commit)
-    consumer.applier.applied_lsn = start_lsn
+    consumer.feed.applied_lsn = start_lsn
     started = time.perf_counter()
     repl = await ReplicationConnection.open(dsn)
     try:
@@ -176,7 +176,7 @@ async def _ours(dsn: str, slot: str, start_lsn: int, end_lsn: int) -> tuple[floa
             async def watch() -> None:
                 # a last commit that changes nobody is not reported; the applied LSN still moves
                 nonlocal done_at
-                while consumer.applier.applied_lsn < end_lsn:
+                while consumer.feed.applied_lsn < end_lsn:
                     await anyio.sleep(0.001)
                 done_at = done_at or time.perf_counter()
                 finished.set()
@@ -188,7 +188,7 @@ async def _ours(dsn: str, slot: str, start_lsn: int, end_lsn: int) -> tuple[floa
                 repl.stream,
                 consumer.feed,
                 consumer._on_keepalive,
-                lambda: consumer.applier.applied_lsn,
+                lambda: consumer.feed.applied_lsn,
             )
             tg.start_soon(watch)
             with anyio.fail_after(600):
@@ -196,7 +196,7 @@ async def _ours(dsn: str, slot: str, start_lsn: int, end_lsn: int) -> tuple[floa
             tg.cancel_scope.cancel()
     finally:
         await repl.close()
-    return done_at - started, consumer.applier.rows
+    return done_at - started, consumer.feed.rows
 
 
 def run_ours(dsn: str, slot: str, start_lsn: int, end_lsn: int, rows: int) -> tuple[float, float]:

@@ -9,7 +9,8 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from replicator.badges.state import BADGE_QUERIES, MISSED, UNREAD, BadgeState
+from replicator.badges.queries import BADGE_QUERIES
+from replicator.badges.state import MISSED, UNREAD, BadgeState
 from replicator.pg.lsn import parse_lsn
 from replicator.pipeline.consumer import Consumer, ConsumerOptions
 
@@ -116,7 +117,7 @@ async def check_writes_during_startup(dsn: str, slot: str, *, seed: int, decoder
             await anyio.sleep(0.1)
             await caught_up(consumer, dsn)
             assert state_counts(consumer.state) == await database_counts(dsn)
-            assert consumer.applier.transactions > 0, "some writes should arrive by streaming"
+            assert consumer.feed.transactions > 0, "some writes should arrive by streaming"
     assert workload.committed > 20
 
 

@@ -11,17 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.badges.state import (
-    CALLS_RULE,
-    MESSAGES_RULE,
-    MISSED,
-    UNREAD,
-    Applier,
-    BadgeRule,
-    BadgeState,
-)
+from replicator.badges.applier import CALLS_RULE, MESSAGES_RULE, Applier, BadgeRule
+from replicator.badges.state import MISSED, UNREAD, BadgeState
 from replicator.errors import ProtocolError, SchemaError
-from replicator.pg.decoding.pgoutput import (
+from replicator.pg.changes import (
     UNCHANGED,
     Begin,
     Column,
@@ -36,6 +29,7 @@ from replicator.pg.decoding.pgoutput import (
     Value,
     Values,
 )
+from replicator.pg.feed import PgoutputFeed
 from tests.support import CALLS_COLUMNS, MESSAGES_COLUMNS
 
 MESSAGES_ID, CALLS_ID, MOODS_ID, ELSEWHERE_ID = 16396, 16411, 16437, 17000
@@ -84,6 +78,7 @@ class Stream:
 
     def __post_init__(self) -> None:
         self.applier.on_commit = lambda lsn, users: self.commits.append((lsn, users))
+        self.feed = PgoutputFeed(self.applier)
 
     @property
     def state(self) -> BadgeState:
@@ -91,7 +86,7 @@ class Stream:
 
     def send(self, *messages: Message) -> None:
         for msg in messages:
-            self.applier.apply_message(msg)
+            self.feed.apply_message(msg)
 
     def begin(self) -> int:
         """Open a transaction; return its commit LSN."""
@@ -352,7 +347,7 @@ def test_buffer_grows_with_pairs_not_rows() -> None:
         "u-ben": ({"u-ann": 8000}, {}),
         "u-ann": ({"u-ben": 8000, "u-cat": 8000}, {"u-dan": 1000}),
     }
-    assert stream.applier.rows == 30_000 + 6000 + 1000
+    assert stream.feed.rows == 30_000 + 6000 + 1000
 
 
 # -- transactions, commits, resuming ----------------------------------------------------------
@@ -364,12 +359,12 @@ def test_nothing_is_visible_before_the_commit() -> None:
     stream.send(insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")))
     assert stream.state.users == {}
     assert stream.commits == []
-    assert stream.applier.in_transaction
+    assert stream.feed.in_transaction
     stream.commit()
     assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
     assert stream.commits == [(stream.lsn, {"u-ben"})]
-    assert not stream.applier.in_transaction
-    assert stream.applier.transactions == 1
+    assert not stream.feed.in_transaction
+    assert stream.feed.transactions == 1
 
 
 def test_users_at_zero_are_removed() -> None:
@@ -389,7 +384,7 @@ def test_commits_that_change_nobody_are_not_reported() -> None:
     lsn = stream.transaction(insert(MESSAGES_RULE, row), Insert(MOODS_ID, None))
     assert stream.commits == []
     assert stream.state.lsn == lsn
-    assert stream.applier.applied_lsn == lsn + 0x30
+    assert stream.feed.applied_lsn == lsn + 0x30
 
 
 def test_transactions_below_the_resume_lsn_are_skipped() -> None:
@@ -397,22 +392,22 @@ def test_transactions_below_the_resume_lsn_are_skipped() -> None:
     stream = announced()
     first = [insert(MESSAGES_RULE, message(1, "u-ann", "u-ben"))]
     lsn = stream.transaction(*first)
-    applied = stream.applier.applied_lsn
+    applied = stream.feed.applied_lsn
     assert applied == lsn + 0x30
     # the same transaction again, as a resumed stream sends it
     stream.send(MESSAGES, CALLS, Begin(lsn, lsn * 10, 1), *first, Commit(0, lsn, lsn + 0x30, 0))
     assert counts_of(stream.state) == {"u-ben": ({"u-ann": 1}, {})}
-    assert stream.applier.skipped_transactions == 1
-    assert stream.applier.transactions == 1
-    assert stream.applier.applied_lsn == applied
+    assert stream.feed.skipped_transactions == 1
+    assert stream.feed.transactions == 1
+    assert stream.feed.applied_lsn == applied
     stream.transaction(insert(MESSAGES_RULE, message(2, "u-ann", "u-ben")))
     assert counts_of(stream.state) == {"u-ben": ({"u-ann": 2}, {})}
-    assert stream.applier.transactions == 2
+    assert stream.feed.transactions == 2
 
 
 def test_skipped_transactions_leave_no_buffered_rows() -> None:
     stream = announced()
-    stream.applier.applied_lsn = 0x5000
+    stream.feed.applied_lsn = 0x5000
     stream.send(
         Begin(0x4000, 0, 1),
         insert(MESSAGES_RULE, message(1, "u-ann", "u-ben")),
@@ -434,16 +429,16 @@ def test_commit_without_begin_is_a_protocol_error() -> None:
 def test_non_transactional_message_advances_only_between_transactions() -> None:
     stream = announced()
     stream.send(LogicalMessage(False, 0x9000, "replicator.sync", b""))
-    assert stream.applier.applied_lsn == 0x9000
+    assert stream.feed.applied_lsn == 0x9000
     stream.lsn = 0x9000
     stream.begin()
     stream.send(LogicalMessage(False, 0x9900, "x", b""), LogicalMessage(True, 0x9100, "x", b""))
-    stream.applier.advance(0x9A00)
-    assert stream.applier.applied_lsn == 0x9000
+    stream.feed.advance(0x9A00)
+    assert stream.feed.applied_lsn == 0x9000
     stream.commit()
-    assert stream.applier.applied_lsn == 0x9130
-    stream.applier.advance(0x9000)
-    assert stream.applier.applied_lsn == 0x9130
+    assert stream.feed.applied_lsn == 0x9130
+    stream.feed.advance(0x9000)
+    assert stream.feed.applied_lsn == 0x9130
 
 
 # -- schema changes ---------------------------------------------------------------------------
@@ -508,7 +503,7 @@ def test_badge_tables_in_another_schema_are_ignored() -> None:
 def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     orphan = message(5, "u-ann", None)
-    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.applier"):
         stream.transaction(
             insert(MESSAGES_RULE, orphan),
             insert(MESSAGES_RULE, message(6, None, "u-ben")),
@@ -530,7 +525,7 @@ def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -
 def test_unknown_call_status_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     odd = call(7, "u-ann", "u-ben", "voicemail")
-    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.applier"):
         stream.transaction(insert(CALLS_RULE, odd))
     assert stream.state.users == {}
     assert "public.calls row id=7" in caplog.text
@@ -547,7 +542,7 @@ def test_unknown_call_status_is_skipped_with_a_warning(caplog: pytest.LogCapture
 def test_binary_user_id_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     stream = announced()
     binary: list[Value] = [b"\x01" * 16, b"\x02" * 16, None, "8"]
-    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.applier"):
         stream.transaction(Insert(MESSAGES_ID, binary))
     assert stream.state.users == {}
     assert "public.messages row id=8" in caplog.text
@@ -633,7 +628,7 @@ def test_applying_bytes_equals_applying_messages(data: st.DataObject) -> None:
     logging.getLogger("replicator.badges.state").setLevel(logging.ERROR)
     by_message, by_bytes = announced(), Stream()
     for rel in (MESSAGES, CALLS, MOODS, ELSEWHERE):
-        by_bytes.applier.apply(encode(rel), 0)
+        by_bytes.feed(encode(rel), 0)
     model = Model()
     for _ in range(data.draw(st.integers(1, 8), label="transactions")):
         messages: list[Message] = [Begin(by_message.lsn + 0x100, 1, 1)]
@@ -642,25 +637,25 @@ def test_applying_bytes_equals_applying_messages(data: st.DataObject) -> None:
         by_message.lsn += 0x100
         messages.append(Commit(0, by_message.lsn, by_message.lsn + 0x30, 1))
         for msg in messages:
-            by_message.applier.apply_message(msg)
-            by_bytes.applier.apply(encode(msg), by_message.lsn)
+            by_message.feed.apply_message(msg)
+            by_bytes.feed(encode(msg), by_message.lsn)
         assert counts_of(by_bytes.state) == counts_of(by_message.state) == model.recount()
-        assert by_bytes.applier.rows == by_message.applier.rows
+        assert by_bytes.feed.rows == by_message.feed.rows
         assert by_bytes.commits == by_message.commits
 
 
 def test_warnings_on_the_bytes_path_name_the_row(caplog: pytest.LogCaptureFixture) -> None:
     stream = Stream()
-    stream.applier.apply(encode(MESSAGES), 0)
-    stream.applier.apply(encode(CALLS), 0)
-    with caplog.at_level(logging.WARNING, logger="replicator.badges.state"):
+    stream.feed(encode(MESSAGES), 0)
+    stream.feed(encode(CALLS), 0)
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.applier"):
         for msg in (
             Begin(0x100, 0, 1),
             insert(MESSAGES_RULE, message(11, "u-ann", None)),
             insert(CALLS_RULE, call(12, "u-ann", "u-ben", "voicemail")),
             Commit(0, 0x100, 0x130, 0),
         ):
-            stream.applier.apply(encode(msg), 0x100)
+            stream.feed(encode(msg), 0x100)
     assert stream.state.users == {}
     assert "public.messages row id=11" in caplog.text and "recipient_id" in caplog.text
     assert "public.calls row id=12" in caplog.text and "'voicemail'" in caplog.text

@@ -44,7 +44,7 @@ async def test_random_workload_is_exact(database: Database) -> None:
         assert state_counts(consumer.state) == expected
         assert expected, "the workload should leave badges behind"
         assert workload.rolled_back > 0
-        assert consumer.applier.transactions > 300
+        assert consumer.feed.transactions > 300
 
 
 async def test_each_commit_matches_the_database_as_of_that_commit(database: Database) -> None:
@@ -151,7 +151,7 @@ async def test_connection_lost_mid_transaction_counts_it_once(database: Database
         async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
             await workload.big_transaction(conn, 300_000)
         with anyio.fail_after(120):
-            while not (consumer.applier.in_transaction and consumer.applier.rows > 1000):
+            while not (consumer.feed.in_transaction and consumer.feed.rows > 1000):
                 await anyio.sleep(0.001)
         async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as admin:
             await admin.execute(

@@ -17,11 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.errors import ProtocolError
-from replicator.pg.decoding.pgoutput import (
+from replicator.pg.changes import (
     UNCHANGED,
     Begin,
     Commit,
-    Decoder,
     Delete,
     Insert,
     LogicalMessage,
@@ -34,6 +33,7 @@ from replicator.pg.decoding.pgoutput import (
     Value,
     Values,
 )
+from replicator.pg.decoding.pgoutput import Decoder
 from replicator.pg.lsn import format_lsn, parse_lsn
 from tests.support import CALLS_COLUMNS, MESSAGES_COLUMNS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from replicator.badges.state import MISSED, UNREAD, Applier, BadgeState
+from replicator.badges.applier import Applier
+from replicator.badges.state import MISSED, UNREAD, BadgeState
 from replicator.errors import ProtocolError, SchemaError
 from replicator.ops.migrate import migrate
-from replicator.pg.decoding.pgoutput import (
+from replicator.pg.changes import (
     UNCHANGED,
     Begin,
     Commit,
@@ -32,7 +33,8 @@ from replicator.pg.decoding.pgoutput import (
     Truncate,
     Update,
 )
-from replicator.pg.decoding.wal2json import Decoder, attach, stream_options
+from replicator.pg.decoding.wal2json import Decoder, stream_options
+from replicator.pg.feed import Wal2jsonFeed
 from replicator.pg.lsn import format_lsn, parse_lsn
 from replicator.runtime.cluster import PostgresCluster
 from tests.conftest import TEST_SETTINGS, Database, Server
@@ -123,16 +125,14 @@ def decode_all(found: list[Captured]) -> list[tuple[Captured, Message]]:
     return out
 
 
-def applier_from(
-    state: Counts | None = None, decoder: Decoder | None = None
-) -> tuple[Applier, Callable[[bytes, int], None]]:
-    """An applier fed by a fresh wal2json decoder, starting from ``state``."""
+def applier_from(state: Counts | None = None) -> tuple[Applier, Wal2jsonFeed]:
+    """An applier fed by a fresh wal2json feed, starting from ``state``."""
     badge_state = BadgeState()
     for user, (unread, missed) in (state or {}).items():
         badge_state.load(UNREAD, [(user, sender, n) for sender, n in unread.items()])
         badge_state.load(MISSED, [(user, caller, n) for caller, n in missed.items()])
     applier = Applier(badge_state)
-    return applier, attach(applier, decoder)
+    return applier, Wal2jsonFeed(applier, applier.tables())
 
 
 # -- decoding what PostgreSQL 15 sent -----------------------------------------------------------
@@ -148,9 +148,9 @@ def test_state_matches_the_database_after_every_step() -> None:
     for step in steps(stop="identity default"):
         for record in records(step):
             feed(record.payload, record.lsn)
-        assert not applier.in_transaction
+        assert not feed.in_transaction
         assert state_counts(applier.state) == counts_after(step), step
-    assert applier.transactions > 10
+    assert feed.transactions > 10
 
 
 def test_begin_and_commit_carry_the_commit_lsn_and_the_end_lsn() -> None:
@@ -182,8 +182,8 @@ def test_commit_time_is_microseconds_since_2000() -> None:
 
 
 def test_relations_are_announced_on_first_sight_and_on_column_changes() -> None:
-    decoder = Decoder()
-    _, feed = applier_from(decoder=decoder)
+    _, feed = applier_from()
+    decoder = feed.decoder
     announced: list[tuple[str, Relation]] = []
     for record in records(*steps(stop="identity default")) + records("badge column dropped"):
         known = set(map(id, decoder.relations.values()))
@@ -257,13 +257,13 @@ def test_logical_messages() -> None:
 
 
 def test_non_transactional_message_marks_everything_before_it_applied() -> None:
-    applier, feed = applier_from()
+    _, feed = applier_from()
     for record in records(*steps(stop="delete")):
         feed(record.payload, record.lsn)
     marker = records("delete")[0]
     assert marker.action == "M"
     feed(marker.payload, marker.lsn)
-    assert applier.applied_lsn == marker.lsn
+    assert feed.applied_lsn == marker.lsn
 
 
 def test_resume_skips_transactions_applied_before() -> None:
@@ -271,13 +271,13 @@ def test_resume_skips_transactions_applied_before() -> None:
     done = records(*steps(stop="delete"))
     for record in done:
         feed(record.payload, record.lsn)
-    applied, transactions = applier.applied_lsn, applier.transactions
+    applied, transactions = feed.applied_lsn, feed.transactions
     # A reconnect that starts a little early replays the last transactions.
     for record in done[-12:] + records("delete"):
         feed(record.payload, record.lsn)
-    assert applier.skipped_transactions >= 2
-    assert applier.transactions == transactions + 1
-    assert applier.applied_lsn > applied
+    assert feed.skipped_transactions >= 2
+    assert feed.transactions == transactions + 1
+    assert feed.applied_lsn > applied
     assert state_counts(applier.state) == counts_after("delete")
 
 
@@ -441,7 +441,7 @@ def test_replica_identity_of_a_table_first_seen_in_an_update() -> None:
 
 
 def test_options_ask_for_what_the_decoder_needs() -> None:
-    options = stream_options("app")
+    options = stream_options([("app", "messages"), ("app", "calls")])
     assert options["format-version"] == "2"
     assert options["include-lsn"] == "true"
     assert options["include-transaction"] == "true"
@@ -625,8 +625,8 @@ async def test_random_workload_is_exact(wal2json_database: Database) -> None:
         assert state_counts(consumer.state) == expected
         assert expected, "the workload should leave badges behind"
         assert workload.rolled_back > 0
-        assert consumer.applier.transactions > 300
-        assert consumer.applier.rows > 50_000
+        assert consumer.feed.transactions > 300
+        assert consumer.feed.rows > 50_000
 
 
 @pytest.mark.anyio

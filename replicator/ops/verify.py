@@ -40,7 +40,8 @@ from typing import Any, TextIO
 import psycopg
 from psycopg import sql
 
-from replicator.badges.state import BADGE_NAMES, BADGE_QUERIES, MISSED, UNREAD
+from replicator.badges.queries import BADGE_QUERIES
+from replicator.badges.state import BADGE_NAMES, MISSED, UNREAD
 from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
 from replicator.ops.commands import signing_secret

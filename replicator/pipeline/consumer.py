@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import anyio
 import psycopg
 
-from replicator.badges.state import Applier, BadgeState
+from replicator.badges.applier import Applier
+from replicator.badges.state import BadgeState
 from replicator.config.settings import DECODERS
 from replicator.errors import (
     ConfigError,
@@ -22,6 +23,7 @@ from replicator.errors import (
     one_line,
 )
 from replicator.pg.decoding import wal2json
+from replicator.pg.feed import PgoutputFeed, Wal2jsonFeed
 from replicator.pg.lsn import format_lsn
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
@@ -99,19 +101,19 @@ class Consumer:
 
     @property
     def applied_lsn(self) -> int:
-        return self.applier.applied_lsn
+        return self.feed.applied_lsn
 
     @property
     def server_wal_end(self) -> int:
         return self._repl.server_wal_end if self._repl is not None else 0
 
     def lag_bytes(self) -> int:
-        return max(0, self.server_wal_end - self.applier.applied_lsn)
+        return max(0, self.server_wal_end - self.feed.applied_lsn)
 
     def lag_seconds(self) -> float:
-        if not self.lag_bytes() or not self.applier.last_commit_time:
+        if not self.lag_bytes() or not self.feed.last_commit_time:
             return 0.0
-        return max(0.0, time.time() - pg_time_to_unix(self.applier.last_commit_time))
+        return max(0.0, time.time() - pg_time_to_unix(self.feed.last_commit_time))
 
     def caught_up(self) -> bool:
         repl = self._repl
@@ -144,13 +146,13 @@ class Consumer:
                 await self._repl.stream(
                     self.feed,
                     self._on_keepalive,
-                    lambda: self.applier.applied_lsn,
+                    lambda: self.feed.applied_lsn,
                     status_interval=self.options.status_interval,
                 )
             except (ReplicationLost, psycopg.OperationalError) as exc:
                 self._set_live(False)
                 await self._close_repl()
-                self.applier.abandon_transaction()
+                self.feed.abandon()
                 wait = backoff.next()
                 logger.warning("%s; retrying in %.1f s", one_line(exc), wait)
                 self.reconnects += 1
@@ -200,12 +202,11 @@ class Consumer:
         """Apply the stream to ``state`` from ``lsn`` on, through the configured decoder."""
         self.state = state
         self.applier = Applier(state, schema=self.options.schema, on_commit=self._on_commit)
-        self.applier.applied_lsn = lsn
         #: takes each XLogData payload with its WAL position
-        self.feed: Callable[[bytes | memoryview, int], None] = (
-            wal2json.attach(self.applier)
+        self.feed: PgoutputFeed | Wal2jsonFeed = (
+            Wal2jsonFeed(self.applier, self.applier.tables(), applied_lsn=lsn)
             if self.options.decoder == "wal2json"
-            else self.applier.apply
+            else PgoutputFeed(self.applier, applied_lsn=lsn)
         )
 
     def _replace_state(self, state: BadgeState, lsn: int) -> None:
@@ -217,13 +218,13 @@ class Consumer:
 
     async def _resume(self) -> None:
         self._repl = await ReplicationConnection.open(self.options.dsn)
-        await self._start_streaming(self.applier.applied_lsn, first=False)
-        logger.info("replication resumed at %s", format_lsn(self.applier.applied_lsn))
+        await self._start_streaming(self.feed.applied_lsn, first=False)
+        logger.info("replication resumed at %s", format_lsn(self.feed.applied_lsn))
 
     async def _start_streaming(self, lsn: int, *, first: bool) -> None:
         assert self._repl is not None
         if self.options.decoder == "wal2json":
-            options = wal2json.stream_options(self.options.schema)
+            options = wal2json.stream_options(self.applier.tables())
         else:
             options = {
                 "proto_version": "1",
@@ -246,7 +247,7 @@ class Consumer:
 
     def _on_keepalive(self, keepalive: Keepalive) -> None:
         # Between transactions, everything that committed before wal_end has reached us.
-        self.applier.advance(keepalive.wal_end)
+        self.feed.advance(keepalive.wal_end)
 
     async def _close_repl(self) -> None:
         if self._repl is not None:
@@ -323,11 +324,11 @@ class ConsumerView:
 
     @property
     def changes_applied(self) -> int:
-        return self._consumer.applier.rows
+        return self._consumer.feed.rows
 
     @property
     def transactions_applied(self) -> int:
-        return self._consumer.applier.transactions
+        return self._consumer.feed.transactions
 
 
 class SlotMissing(ReplicatorError):
@@ -336,11 +337,11 @@ class SlotMissing(ReplicatorError):
 
 async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:
     """Log the applied LSN and the rows/s rate every ``interval`` seconds."""
-    last_rows, last_at = consumer.applier.rows, time.monotonic()
+    last_rows, last_at = consumer.feed.rows, time.monotonic()
     while True:
         await anyio.sleep(interval)
         now = time.monotonic()
-        rows = consumer.applier.rows
+        rows = consumer.feed.rows
         rate = (rows - last_rows) / (now - last_at)
         last_rows, last_at = rows, now
         logger.info(
@@ -349,7 +350,7 @@ async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:
             format_lsn(consumer.applied_lsn),
             "live" if consumer.live else "not streaming",
             rows,
-            consumer.applier.transactions,
+            consumer.feed.transactions,
             rate,
             len(consumer.state.users),
             consumer.lag_bytes(),

@@ -9,7 +9,8 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from replicator.badges.state import BADGE_QUERIES, MISSED, UNREAD, BadgeState
+from replicator.badges.queries import BADGE_QUERIES
+from replicator.badges.state import MISSED, UNREAD, BadgeState
 from replicator.errors import DatabaseSetupError, SlotInUseError
 
 logger = logging.getLogger(__name__)

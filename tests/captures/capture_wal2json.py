@@ -173,7 +173,7 @@ async def stream(dsn: str) -> list[dict[str, str]]:
 
     feedback: Callable[[], int] = lambda: applied  # noqa: E731
     try:
-        await repl.start(SLOT, 0, stream_options("public"))
+        await repl.start(SLOT, 0, stream_options([("public", "messages"), ("public", "calls")]))
         with anyio.fail_after(60):
             await repl.stream(on_xlogdata, keepalive, feedback)
     except _Done:

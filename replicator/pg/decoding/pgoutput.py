@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from replicator.errors import ProtocolError
+from replicator.pg.changes import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Origin,
+    Relation,
+    Truncate,
+    Type,
+    Update,
+    Values,
+)
 from replicator.pg.lsn import format_lsn
-
-
-class _Unchanged:
-    """An unchanged TOASTed value (``u``): the column keeps its old value."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "UNCHANGED"
-
-
-UNCHANGED: Final = _Unchanged()
-
-Value = str | bytes | None | _Unchanged
-Values = list[Value]
 
 _I8 = struct.Struct(">B")
 _I16 = struct.Struct(">H")
@@ -45,88 +45,6 @@ _UPDATE_HEAD = struct.Struct(">IB")
 _N, _U, _T, _B = ord("n"), ord("u"), ord("t"), ord("b")
 _OLD, _KEY, _NEW = ord("O"), ord("K"), ord("N")
 _WITH_LENGTH, _WITHOUT_LENGTH, _OLD_ROW = (_T, _B), (_N, _U), (_OLD, _KEY)
-
-
-class Begin(NamedTuple):
-    final_lsn: int
-    commit_time: int
-    xid: int
-
-
-class Commit(NamedTuple):
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: int
-
-
-class Origin(NamedTuple):
-    lsn: int
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    name: str
-    type_oid: int
-    type_modifier: int
-    is_key: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Relation:
-    relid: int
-    namespace: str
-    name: str
-    replica_identity: str
-    columns: tuple[Column, ...]
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.namespace}.{self.name}"
-
-
-class Type(NamedTuple):
-    oid: int
-    namespace: str
-    name: str
-
-
-class Insert(NamedTuple):
-    relid: int
-    new: Values | None
-
-
-class Update(NamedTuple):
-    relid: int
-    old: Values | None
-    new: Values | None
-    #: ``O`` when the old tuple is the whole row (replica identity full), ``K`` for the key only
-    old_kind: str
-
-
-class Delete(NamedTuple):
-    relid: int
-    old: Values | None
-    old_kind: str
-
-
-class Truncate(NamedTuple):
-    relids: tuple[int, ...]
-    cascade: bool
-    restart_identity: bool
-
-
-class LogicalMessage(NamedTuple):
-    transactional: bool
-    lsn: int
-    prefix: str
-    content: bytes
-
-
-Message = (
-    Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | LogicalMessage
-)
 
 
 def _cstring(data: bytes, pos: int) -> tuple[str, int]:

@@ -1,17 +1,15 @@
-"""Pure decoding of wal2json (format-version 2) output into pgoutput's message tuples, no I/O."""
+"""Pure decoding of wal2json (format-version 2) output into the neutral change model, no I/O."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from replicator.badges.state import RULES, Applier
 from replicator.errors import ProtocolError
-from replicator.pg.decoding import pgoutput
-from replicator.pg.decoding.pgoutput import (
+from replicator.pg.changes import (
     UNCHANGED,
     Begin,
     Column,
@@ -37,8 +35,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _SCALARS = (str, bool, type(None))
 
 
-def stream_options(schema: str) -> dict[str, str]:
-    """START_REPLICATION options: one JSON object per change, with LSNs, for the badge tables."""
+def stream_options(tables: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """START_REPLICATION options: one JSON object per change, with LSNs, for ``tables``."""
     return {
         "format-version": "2",
         "include-transaction": "true",
@@ -49,7 +47,7 @@ def stream_options(schema: str) -> dict[str, str]:
         "include-schemas": "true",
         "include-types": "false",
         "actions": "insert,update,delete,truncate",
-        "add-tables": ",".join(f"{schema}.{rule.table}" for rule in RULES),
+        "add-tables": ",".join(f"{schema}.{table}" for schema, table in tables),
     }
 
 
@@ -62,28 +60,30 @@ class _Table:
     relid: int
     columns: tuple[str, ...]
     replica_identity: str
-    #: column name -> slot in the values list, as the applier asked (None: not wanted)
+    #: column name -> slot in the values list, as the feed asked (None: not wanted)
     slots: dict[str, int] | None = None
     width: int = 0
 
 
 class Decoder:
-    """Turns wal2json objects into the messages ``Applier.apply_message`` takes.
+    """Turns wal2json objects into the messages a ``TransactionFeed`` takes.
 
     wal2json has no Relation messages and no relation ids: a Relation with a made-up id is
     emitted the first time a table shows up and whenever its columns change. Like
     ``pgoutput.Decoder``, rows hold only the columns set with ``project(relid, slots)``,
-    which the applier calls while it applies that Relation; this is why ``decode`` hands
+    which the feed calls while it applies that Relation; this is why ``decode`` hands
     each message to ``apply`` before it builds the next one.
+
+    ``known`` maps (schema, table) to the columns wanted of it.
     """
 
-    def __init__(self, schema: str = "public") -> None:
+    def __init__(self, known: Mapping[tuple[str, str], tuple[str, ...]] | None = None) -> None:
         self.relations: dict[int, Relation] = {}
         self._tables: dict[tuple[str, str], _Table] = {}
         self._by_relid: dict[int, _Table] = {}
         # A TRUNCATE names its table but carries no columns; a table first seen that way
-        # is announced with the columns the badge rules need, and corrected by its next row.
-        self._known = {(schema, rule.table): rule.columns for rule in RULES}
+        # is announced with the columns wanted of it, and corrected by its next row.
+        self._known = dict(known or {})
 
     def project(self, relid: int, slots: tuple[int, ...]) -> None:
         table = self._by_relid.get(relid)
@@ -219,7 +219,7 @@ class Decoder:
             full = True
         else:
             # Either a key-only identity or a column dropped since the table's last row: the
-            # old row is whole for our purpose when it holds every column the applier reads.
+            # old row is whole for our purpose when it holds every column that is wanted.
             wanted = table.slots.keys() if table.slots is not None else table.columns
             full = set(wanted) <= set(names)
             if full:
@@ -232,34 +232,6 @@ class Decoder:
             table = self._announce(key, None, self._known.get(key, ()), "f", apply)
         # wal2json leaves out CASCADE and RESTART IDENTITY; neither changes a count.
         apply(Truncate((table.relid,), False, False))
-
-
-def attach(
-    applier: Applier, decoder: Decoder | None = None
-) -> Callable[[bytes | memoryview, int], None]:
-    """Make ``applier`` take wal2json payloads: returns ``feed(payload, wal_start)``."""
-    decoder = decoder or Decoder(applier.schema)
-    applier.decoder = _Projections(decoder)
-    apply = applier.apply_message
-
-    def feed(payload: bytes | memoryview, lsn: int) -> None:
-        decoder.decode(payload, lsn, apply)
-
-    return feed
-
-
-class _Projections(pgoutput.Decoder):
-    """Sits where the applier keeps its pgoutput decoder and passes its projections on."""
-
-    def __init__(self, target: Decoder) -> None:
-        super().__init__()
-        self._target = target
-
-    def project(self, relid: int, slots: tuple[int, ...]) -> None:
-        self._target.project(relid, slots)
-
-    def forget(self, relid: int) -> None:
-        self._target.forget(relid)
 
 
 # -- fields -----------------------------------------------------------------------------------
