@@ -25,14 +25,10 @@ from replicator.errors import (
 from replicator.pg.decoding import wal2json
 from replicator.pg.feed import PgoutputFeed, Wal2jsonFeed
 from replicator.pg.lsn import format_lsn
+from replicator.pg.slots import check_publication, clear_leftover_slot, drop_slot
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
-from replicator.pipeline.snapshot import (
-    check_publication,
-    clear_leftover_slot,
-    drop_slot,
-    read_initial_state,
-)
+from replicator.pipeline.snapshot import read_initial_state
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +168,7 @@ class Consumer:
     async def _start_fresh(self) -> None:
         opts = self.options
         async with await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True) as admin:
-            await check_publication(admin, opts.publication, opts.schema)
+            await check_publication(admin, opts.publication, list(self.applier.tables()))
             await clear_leftover_slot(admin, opts.slot)
         repl = await ReplicationConnection.open(opts.dsn)
         self._repl = repl
