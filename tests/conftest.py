@@ -21,9 +21,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from replicator.ops.migrate import migrate
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir, system_bindirs
+from tests.wal2json_support import (
+    MISSING,
+    dsn_with_wal2json,
+    wal2json_bindir,
+    wal2json_problem,
+)
+from tests.wal2json_support import drop_database as drop_wal2json_database
 
 TEST_SETTINGS = {
     "fsync": "off",
@@ -175,3 +183,39 @@ def database(pg_server: Server) -> Iterator[Database]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# -- a server with the wal2json plugin (the system PostgreSQL 15 with Debian's package) --------
+
+
+@pytest.fixture(scope="session")
+def wal2json_server(tmp_root: Path) -> Iterator[Server]:
+    dsn = dsn_with_wal2json()
+    if dsn is not None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            version = conn.info.server_version // 10000
+        yield Server("dsn", dsn, None, version)
+        return
+    bindir = wal2json_bindir()
+    if bindir is None:
+        pytest.fail(MISSING)
+    cluster = PostgresCluster(bindir, tmp_root / "pg-wal2json", settings=TEST_SETTINGS)
+    cluster.start()
+    try:
+        problem = wal2json_problem(cluster.dsn())
+        if problem is not None:
+            pytest.fail(f"{MISSING} ({problem})")
+        yield Server("wal2json", cluster.dsn(), cluster, cluster.version)
+    finally:
+        cluster.stop("immediate")
+
+
+@pytest.fixture
+def wal2json_database(wal2json_server: Server) -> Iterator[Database]:
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(wal2json_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = wal2json_server.dsn(name)
+    migrate(dsn)
+    yield Database(wal2json_server, name, dsn, slot=f"s_{name}")
+    drop_wal2json_database(wal2json_server.admin_dsn, name)

@@ -9,9 +9,10 @@ import anyio
 import httpx
 import psycopg
 
+from replicator.badges.spec import BadgeSpec
 from replicator.pg.lsn import parse_lsn
 from tests.service_support import RunningService
-from tests.support import Counts, database_counts, sync_point
+from tests.support import DEFAULT_SPECS, Counts, database_counts, sync_point
 from tests.workload import Workload
 
 
@@ -47,10 +48,14 @@ def admin_state(service: RunningService) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-def service_counts(state: dict[str, Any]) -> Counts:
+def service_counts(state: dict[str, Any], specs: list[BadgeSpec] | None = None) -> Counts:
+    """``/v1/admin/badges`` users as the badge queries' form (a total as ``{'': n}``)."""
+    names = [s.name for s in (DEFAULT_SPECS if specs is None else specs)]
     return {
-        user: (dict(c["unread_messages"]), dict(c["missed_calls"]))
-        for user, c in state["users"].items()
+        user: tuple(
+            dict(held[name]) if isinstance(held[name], dict) else {"": held[name]} for name in names
+        )
+        for user, held in state["users"].items()
     }
 
 

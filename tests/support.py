@@ -7,30 +7,88 @@ from contextlib import asynccontextmanager
 
 import anyio
 import psycopg
-from psycopg import sql
 
-from replicator.badges.queries import BADGE_QUERIES
-from replicator.badges.state import MISSED, UNREAD, BadgeState
+from replicator.badges import predicate, queries
+from replicator.badges import spec as badge_spec
+from replicator.badges.applier import Applier
+from replicator.badges.catalog import bind_async
+from replicator.badges.spec import Badge, BadgeSpec, Table
+from replicator.badges.state import BadgeState
 from replicator.pg.lsn import parse_lsn
 from replicator.pipeline.consumer import Consumer, ConsumerOptions
 
-Counts = dict[str, tuple[dict[str, int], dict[str, int]]]
+#: user -> one {counterpart: count} per badge, in file order
+Counts = dict[str, tuple[dict[str, int], ...]]
+
+DEFAULT_SPECS = badge_spec.load(None)
+UNREAD, MISSED = 0, 1
 
 
-async def database_counts(dsn: str, schema: str = "public") -> Counts:
-    """What the badge queries return now: user -> (unread by sender, missed by caller)."""
+def _column(type_name: str, kind: str, oid: int) -> predicate.Column:
+    return predicate.Column(type_name, kind, oid)
+
+
+#: the default schema's tables as the catalog describes them
+DEFAULT_TABLES = {
+    ("public", "messages"): Table(
+        "r",
+        "f",
+        {
+            "id": _column("bigint", predicate.INTEGER, 20),
+            "sender_id": _column("uuid", predicate.UUID, 2950),
+            "recipient_id": _column("uuid", predicate.UUID, 2950),
+            "body": _column("text", predicate.TEXT, 25),
+            "created_at": _column("timestamp with time zone", predicate.OTHER, 1184),
+            "read_at": _column("timestamp with time zone", predicate.OTHER, 1184),
+        },
+    ),
+    ("public", "calls"): Table(
+        "r",
+        "f",
+        {
+            "id": _column("bigint", predicate.INTEGER, 20),
+            "caller_id": _column("uuid", predicate.UUID, 2950),
+            "callee_id": _column("uuid", predicate.UUID, 2950),
+            "status": _column("text", predicate.TEXT, 25),
+            "created_at": _column("timestamp with time zone", predicate.OTHER, 1184),
+            "seen_at": _column("timestamp with time zone", predicate.OTHER, 1184),
+        },
+    ),
+}
+
+
+def default_badges(schema: str = "public") -> list[Badge]:
+    """The default badges bound to the default schema's types, without a database."""
+    specs = badge_spec.load(None, schema=schema)
+    tables = {(schema, table): info for (_, table), info in DEFAULT_TABLES.items()}
+    return badge_spec.bind(specs, tables)
+
+
+def empty_state(specs: list[BadgeSpec] | list[Badge]) -> BadgeState:
+    found = [s.spec if isinstance(s, Badge) else s for s in specs]
+    return BadgeState([s.name for s in found], [s.counterpart is not None for s in found])
+
+
+def default_applier(schema: str = "public") -> Applier:
+    badges = default_badges(schema)
+    return Applier(empty_state(badges), badges)
+
+
+async def database_counts(dsn: str, specs: list[BadgeSpec] | None = None) -> Counts:
+    """What the badge queries return now: user -> one map per badge."""
+    specs = DEFAULT_SPECS if specs is None else specs
     counts: Counts = {}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for badge in (UNREAD, MISSED):
-            query = sql.SQL(BADGE_QUERIES[badge]).format(schema=sql.Identifier(schema))
-            cur = await conn.execute(query)
+        for badge in await bind_async(conn, specs):
+            cur = await conn.execute(queries.counts(badge))
             for user, counterpart, count in await cur.fetchall():
-                counts.setdefault(str(user), ({}, {}))[badge][str(counterpart)] = int(count)
+                held = counts.setdefault(str(user), tuple({} for _ in specs))
+                held[badge.index][str(counterpart)] = int(count)
     return counts
 
 
 def state_counts(state: BadgeState) -> Counts:
-    return {user: (dict(c[UNREAD]), dict(c[MISSED])) for user, c in state.users.items()}
+    return {user: tuple(dict(by) for by in c) for user, c in state.users.items()}
 
 
 async def sync_point(dsn: str, timeout: float = 60) -> int:
@@ -80,9 +138,18 @@ async def running_consumer(
     status_interval: float = 10.0,
     wait: bool = True,
     decoder: str = "pgoutput",
+    badges: list[BadgeSpec] | None = None,
+    publication: str = "badges",
 ) -> AsyncIterator[Consumer]:
     """A consumer streaming in the background for the duration of the block."""
-    options = ConsumerOptions(dsn=dsn, slot=slot, status_interval=status_interval, decoder=decoder)
+    options = ConsumerOptions(
+        dsn=dsn,
+        slot=slot,
+        status_interval=status_interval,
+        decoder=decoder,
+        badges=badges,
+        publication=publication,
+    )
     consumer = Consumer(options)
     async with anyio.create_task_group() as tg:
         tg.start_soon(consumer.run)

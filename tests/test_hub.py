@@ -9,7 +9,15 @@ import random
 import pytest
 
 from replicator.badges.state import BadgeState
-from replicator.fanout.hub import HEARTBEAT, HeartbeatWheel, Hub, Subscriber, encode_badges_event
+from replicator.fanout.hub import (
+    HEARTBEAT,
+    HeartbeatWheel,
+    Hub,
+    Subscriber,
+    badges_payload,
+    encode_badges_event,
+)
+from tests.support import DEFAULT_SPECS, empty_state
 
 
 def test_latest_state_replaces_pending_and_heartbeat_yields_to_events() -> None:
@@ -26,7 +34,7 @@ def test_latest_state_replaces_pending_and_heartbeat_yields_to_events() -> None:
 
 
 def test_badges_event_is_one_sse_block_with_lsn_as_id() -> None:
-    state = BadgeState()
+    state = empty_state(DEFAULT_SPECS)
     state.lsn = 0x16B3748
     state.users["u"] = [{"s\nnewline": 2}, {}]
     block = encode_badges_event("u", state).decode()
@@ -37,6 +45,32 @@ def test_badges_event_is_one_sse_block_with_lsn_as_id() -> None:
     assert data["lsn"] == "0/16B3748"
     assert data["unread_messages"] == {"s\nnewline": 2}
     assert data["total_unread_messages"] == 2
+
+
+def test_default_event_is_byte_for_byte_the_contract_example() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    state.lsn = 0x16B3748
+    state.users["u"] = [{"s1": 3}, {"s2": 1}]
+    data = encode_badges_event("u", state).decode().split("data: ", 1)[1].strip()
+    assert data == (
+        '{"user_id":"u","lsn":"0/16B3748","unread_messages":{"s1":3},"missed_calls":{"s2":1},'
+        '"total_unread_messages":3,"total_missed_calls":1}'
+    )
+
+
+def test_event_lists_maps_of_grouped_badges_then_every_total_in_file_order() -> None:
+    state = BadgeState(["alerts", "urgent", "mentions"], [True, False, True])
+    state.users["u"] = [{"ci": 2, "db": 1}, {"": 4}, {}]
+    assert list(badges_payload("u", state).items()) == [
+        ("user_id", "u"),
+        ("lsn", "0/0"),
+        ("alerts", {"ci": 2, "db": 1}),
+        ("mentions", {}),
+        ("total_alerts", 3),
+        ("total_urgent", 4),
+        ("total_mentions", 0),
+    ]
+    assert badges_payload("nobody", state)["total_urgent"] == 0
 
 
 def test_wheel_spreads_the_first_beats_of_streams_opened_together() -> None:
@@ -106,7 +140,7 @@ async def test_wheel_drops_a_stream_whose_send_overstays() -> None:
 
 @pytest.mark.anyio
 async def test_notify_wakes_the_waiting_stream_and_close_ends_it() -> None:
-    hub = Hub(BadgeState)
+    hub = Hub(lambda: empty_state(DEFAULT_SPECS))
     sub = hub.subscribe("u")
     waiter = asyncio.get_running_loop().create_task(sub.wait())
     await asyncio.sleep(0)

@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 
+from replicator.badges.catalog import bind_sync
 from replicator.errors import ReplicatorError
 from replicator.ops.doctor import connect
 from replicator.ops.verify import Difference, ServiceClient, compare, verify
@@ -24,6 +25,7 @@ from replicator.runtime.cluster import free_port
 from replicator.web.auth import mint_token
 from tests.conftest import Database
 from tests.service_support import SECRET, RunningService, running_service
+from tests.support import DEFAULT_SPECS
 from tests.workload import Workload
 
 
@@ -71,7 +73,8 @@ def test_agrees_after_a_workload(database: Database, service: RunningService) ->
     assert run.stdout.startswith(f"ok    the service at {service.url} agrees with the database: ")
 
     with connect(database.dsn, statement_timeout=None) as conn:
-        outcomes = [verify(conn, client(service)) for _ in range(3)]
+        badges = bind_sync(conn, DEFAULT_SPECS)
+        outcomes = [verify(conn, client(service), badges) for _ in range(3)]
         users = conn.execute(
             "SELECT count(DISTINCT recipient_id) FROM messages WHERE read_at IS NULL"
         ).fetchone()
@@ -102,7 +105,8 @@ def test_agrees_while_the_database_changes(database: Database, service: RunningS
     thread.start()
     try:
         with connect(database.dsn, statement_timeout=None) as conn:
-            outcomes = [verify(conn, client(service)) for _ in range(3)]
+            badges = bind_sync(conn, DEFAULT_SPECS)
+            outcomes = [verify(conn, client(service), badges) for _ in range(3)]
     finally:
         stop.set()
         thread.join(60)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,12 +14,9 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from replicator.badges.applier import Applier
-from replicator.badges.state import MISSED, UNREAD, BadgeState
 from replicator.errors import ProtocolError, SchemaError
-from replicator.ops.migrate import migrate
 from replicator.pg.changes import (
     UNCHANGED,
     Begin,
@@ -36,23 +31,20 @@ from replicator.pg.changes import (
 from replicator.pg.decoding.wal2json import Decoder, stream_options
 from replicator.pg.feed import Wal2jsonFeed
 from replicator.pg.lsn import format_lsn, parse_lsn
-from replicator.runtime.cluster import PostgresCluster
-from tests.conftest import TEST_SETTINGS, Database, Server
+from tests.conftest import Database
 from tests.support import (
+    MISSED,
+    UNREAD,
     Counts,
     caught_up,
     check_writes_during_startup,
     database_counts,
+    default_applier,
     state_counts,
     sync_point,
 )
 from tests.wal2json_support import (
-    MISSING,
-    drop_database,
-    dsn_with_wal2json,
     running_wal2json_consumer,
-    wal2json_bindir,
-    wal2json_problem,
 )
 from tests.workload import Workload
 
@@ -127,11 +119,10 @@ def decode_all(found: list[Captured]) -> list[tuple[Captured, Message]]:
 
 def applier_from(state: Counts | None = None) -> tuple[Applier, Wal2jsonFeed]:
     """An applier fed by a fresh wal2json feed, starting from ``state``."""
-    badge_state = BadgeState()
+    applier = default_applier()
     for user, (unread, missed) in (state or {}).items():
-        badge_state.load(UNREAD, [(user, sender, n) for sender, n in unread.items()])
-        badge_state.load(MISSED, [(user, caller, n) for caller, n in missed.items()])
-    applier = Applier(badge_state)
+        applier.state.load(UNREAD, [(user, sender, n) for sender, n in unread.items()])
+        applier.state.load(MISSED, [(user, caller, n) for caller, n in missed.items()])
     return applier, Wal2jsonFeed(applier, applier.tables())
 
 
@@ -576,39 +567,6 @@ def test_damaged_captures_raise_only_protocol_errors(cut: int, flip: int, byte: 
 
 
 # -- end to end, on a server with wal2json ------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def wal2json_server(tmp_root: Path) -> Iterator[Server]:
-    dsn = dsn_with_wal2json()
-    if dsn is not None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            version = conn.info.server_version // 10000
-        yield Server("dsn", dsn, None, version)
-        return
-    bindir = wal2json_bindir()
-    if bindir is None:
-        pytest.fail(MISSING)
-    cluster = PostgresCluster(bindir, tmp_root / "pg-wal2json", settings=TEST_SETTINGS)
-    cluster.start()
-    try:
-        problem = wal2json_problem(cluster.dsn())
-        if problem is not None:
-            pytest.fail(f"{MISSING} ({problem})")
-        yield Server("wal2json", cluster.dsn(), cluster, cluster.version)
-    finally:
-        cluster.stop("immediate")
-
-
-@pytest.fixture
-def wal2json_database(wal2json_server: Server) -> Iterator[Database]:
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(wal2json_server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = wal2json_server.dsn(name)
-    migrate(dsn)
-    yield Database(wal2json_server, name, dsn, slot=f"s_{name}")
-    drop_database(wal2json_server.admin_dsn, name)
 
 
 @pytest.mark.anyio

@@ -1,20 +1,60 @@
-"""The badge queries: what a badge counts, as SQL, for the snapshot and ``replicator verify``."""
+"""The badge queries, composed from each badge's spec: the snapshot's, verify's, doctor's.
+
+Every query returns ``(user, counterpart, count)`` rows as text, the counterpart ``''`` for a
+badge without one: the same form the stream keeps counts in.
+"""
 
 from __future__ import annotations
 
-from replicator.badges.state import MISSED, UNREAD
+from psycopg import sql
 
-# The single source of truth for what a badge is; the snapshot and `replicator verify` run these.
-BADGE_QUERIES = {
-    UNREAD: (
-        "SELECT recipient_id::text, sender_id::text, count(*) FROM {schema}.messages"
-        " WHERE read_at IS NULL AND recipient_id IS NOT NULL AND sender_id IS NOT NULL"
-        " GROUP BY 1, 2"
-    ),
-    MISSED: (
-        "SELECT callee_id::text, caller_id::text, count(*) FROM {schema}.calls"
-        " WHERE status = 'missed' AND seen_at IS NULL"
-        " AND callee_id IS NOT NULL AND caller_id IS NOT NULL"
-        " GROUP BY 1, 2"
-    ),
-}
+from replicator.badges import predicate
+from replicator.badges.spec import Badge
+
+
+def table(badge: Badge) -> sql.Composable:
+    """The badge's table; ``ONLY`` a plain table, since the stream follows no inheritance child."""
+    spec = badge.spec
+    name = sql.Identifier(spec.schema, spec.table)
+    return name if badge.table_kind == "p" else sql.SQL("ONLY {}").format(name)
+
+
+def condition(badge: Badge) -> sql.Composable:
+    """When a row counts: the predicate, and both ids present (a NULL id counts for nobody)."""
+    spec = badge.spec
+    parts = [
+        predicate.to_sql(spec.where),
+        sql.SQL("{} IS NOT NULL").format(sql.Identifier(spec.user)),
+    ]
+    if spec.counterpart is not None:
+        parts.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier(spec.counterpart)))
+    return sql.SQL(" AND ").join(parts)
+
+
+def counts(badge: Badge) -> sql.Composed:
+    """The badge's counts: one ``(user, counterpart, count)`` row per pair with a count."""
+    spec = badge.spec
+    user = sql.Identifier(spec.user)
+    if spec.counterpart is None:
+        return sql.SQL(
+            "SELECT {user}::text, '', count(*) FROM {table} WHERE {condition} GROUP BY 1"
+        ).format(user=user, table=table(badge), condition=condition(badge))
+    return sql.SQL(
+        "SELECT {user}::text, {counterpart}::text, count(*) FROM {table}"
+        " WHERE {condition} GROUP BY 1, 2"
+    ).format(
+        user=user,
+        counterpart=sql.Identifier(spec.counterpart),
+        table=table(badge),
+        condition=condition(badge),
+    )
+
+
+def explain(badge: Badge) -> sql.Composed:
+    """The counts query, planned but not run: the server's check of names, types and literals."""
+    return sql.SQL("EXPLAIN {}").format(counts(badge))
+
+
+def index_columns(badge: Badge) -> list[str]:
+    spec = badge.spec
+    return [spec.user, *([spec.counterpart] if spec.counterpart else [])]

@@ -1,29 +1,36 @@
-"""Badge state: per-user counts by counterpart, changed only at commit."""
+"""Badge state: per-user counts by counterpart, one map per badge, changed only at commit."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from replicator.pg.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
 
-UNREAD, MISSED = 0, 1
-BADGE_NAMES = ("unread_messages", "missed_calls")
-
-#: user -> [unread by sender, missed by caller]
+#: user -> one {counterpart: count} per badge (counterpart '' for a badge without one)
 Counts = list[dict[str, int]]
 Pair = tuple[str, str]
 
 
 class BadgeState:
-    """The counts of every user with at least one badge, exact as of ``lsn``."""
+    """The counts of every user with at least one badge, exact as of ``lsn``.
 
-    def __init__(self) -> None:
+    ``names`` are the badges in file order; ``grouped`` says, per badge, whether it counts by
+    counterpart (else its one count per user is kept under the counterpart ``''``).
+    """
+
+    def __init__(self, names: Sequence[str], grouped: Sequence[bool]) -> None:
+        self.names = tuple(names)
+        self.grouped = tuple(grouped)
         self.users: dict[str, Counts] = {}
         #: commit LSN of the last transaction applied (the LSN clients are shown)
         self.lsn = 0
+        self._empty: tuple[dict[str, int], ...] = tuple({} for _ in self.names)
+
+    def _new(self) -> Counts:
+        return [{} for _ in self.names]
 
     def load(self, badge: int, rows: Iterable[tuple[str, str, int]]) -> None:
         users = self.users
@@ -31,18 +38,17 @@ class BadgeState:
             if count:
                 counts = users.get(user)
                 if counts is None:
-                    counts = self.users[user] = [{}, {}]
+                    counts = users[user] = self._new()
                 counts[badge][counterpart] = count
 
-    def view(self, user: str) -> tuple[dict[str, int], dict[str, int]]:
+    def view(self, user: str) -> Sequence[dict[str, int]]:
+        """The user's counts, one map per badge (read-only: the state's own maps)."""
         counts = self.users.get(user)
-        if counts is None:
-            return {}, {}
-        return counts[UNREAD], counts[MISSED]
+        return self._empty if counts is None else counts
 
     def merge(
         self,
-        deltas: tuple[dict[Pair, int], dict[Pair, int]],
+        deltas: Sequence[dict[Pair, int]],
         truncated: set[int],
         lsn: int,
     ) -> set[str]:
@@ -54,21 +60,20 @@ class BadgeState:
                 if held[badge]:
                     held[badge] = {}
                     changed.add(user)
-        for badge in (UNREAD, MISSED):
-            for (user, counterpart), delta in deltas[badge].items():
+        for badge, buffer in enumerate(deltas):
+            for (user, counterpart), delta in buffer.items():
                 if not delta:
                     continue
                 counts = users.get(user)
                 if counts is None:
-                    counts = [{}, {}]
-                    users[user] = counts
+                    counts = users[user] = self._new()
                 by_counterpart = counts[badge]
                 total = by_counterpart.get(counterpart, 0) + delta
                 if total:
                     if total < 0:
                         logger.error(
-                            "%s of %s from %s would be %d at %s: state and database disagree",
-                            BADGE_NAMES[badge],
+                            "%s of %s from %r would be %d at %s: state and database disagree",
+                            self.names[badge],
                             user,
                             counterpart,
                             total,
@@ -80,7 +85,7 @@ class BadgeState:
                 changed.add(user)
         for user in changed:
             left = users.get(user)
-            if left is not None and not left[0] and not left[1]:
+            if left is not None and not any(left):
                 del users[user]
         self.lsn = lsn
         return changed

@@ -27,6 +27,7 @@ class Settings:
     schema: str = "public"
     decoder: str = "pgoutput"
     data_dir: Path = Path(".replicator")
+    badges: Path | None = None
     max_streams_per_user: int = 10
     max_streams: int = 20_000
     heartbeat_s: float = 15.0
@@ -52,6 +53,7 @@ ENV: dict[str, str] = {
     "schema": "REPLICATOR_SCHEMA",
     "decoder": "REPLICATOR_DECODER",
     "data_dir": "REPLICATOR_DATA_DIR",
+    "badges": "REPLICATOR_BADGES",
     "max_streams_per_user": "REPLICATOR_MAX_STREAMS_PER_USER",
     "max_streams": "REPLICATOR_MAX_STREAMS",
     "heartbeat_s": "REPLICATOR_HEARTBEAT_S",
@@ -104,6 +106,8 @@ def _parse(key: str, text: str) -> Any:
         return _bool(name, text)
     if key == "data_dir":
         return Path(text).expanduser()
+    if key == "badges":
+        return Path(text).expanduser() if text else None
     if key in ("slot", "publication", "schema"):
         if not _IDENTIFIER.match(text):
             raise ConfigError(

@@ -45,16 +45,16 @@ class LimitExceeded(Exception):
 
 
 def badges_payload(user: str, state: BadgeState) -> dict[str, object]:
-    unread, missed = state.view(user)
-    lsn = format_lsn(state.lsn)
-    return {
-        "user_id": user,
-        "lsn": lsn,
-        "unread_messages": unread,
-        "missed_calls": missed,
-        "total_unread_messages": sum(unread.values()),
-        "total_missed_calls": sum(missed.values()),
-    }
+    """A user's whole state: ``user_id``, ``lsn``, each grouped badge's map, then each total,
+    badges in file order."""
+    counts = state.view(user)
+    payload: dict[str, object] = {"user_id": user, "lsn": format_lsn(state.lsn)}
+    for name, grouped, by_counterpart in zip(state.names, state.grouped, counts, strict=True):
+        if grouped:
+            payload[name] = by_counterpart
+    for name, by_counterpart in zip(state.names, counts, strict=True):
+        payload["total_" + name] = sum(by_counterpart.values())
+    return payload
 
 
 def encode_badges_event(user: str, state: BadgeState) -> bytes:

@@ -23,9 +23,10 @@ _HELP = {
     "jwt_audience": "required token audience (default authenticated)",
     "slot": "replication slot name (default replicator)",
     "publication": "publication name (default badges)",
-    "schema": "schema of the messages and calls tables (default public)",
+    "schema": "schema of a badge table named without one (default public)",
     "decoder": "logical decoding plugin: pgoutput (default) or wal2json",
     "data_dir": "where the embedded default keeps its files (default .replicator)",
+    "badges": "TOML file of [[badge]] entries (default: unread messages and missed calls)",
     "max_streams_per_user": "open streams allowed per user (default 10)",
     "max_streams": "open streams allowed in total (default 20000)",
     "heartbeat_s": "seconds between comment lines on idle streams (default 15)",
@@ -44,7 +45,7 @@ def _add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
         )
 
 
-_CONNECTION = ("database_url", "slot", "publication", "schema", "log_level")
+_CONNECTION = ("database_url", "slot", "publication", "schema", "badges", "log_level")
 _SERVE = tuple(ENV)
 
 
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check a database against the production checklist")
     _add_settings(doctor, (*_CONNECTION, "data_dir"))
+    doctor.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the fixes of what failed as one SQL script, for a DBA to review",
+    )
 
     verify = sub.add_parser("verify", help="compare a running service's counts with the database")
     _add_settings(verify, (*_CONNECTION, "data_dir", "jwt_secret", "jwt_audience"))
@@ -120,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from replicator.ops.doctor import run_doctor
 
-            return run_doctor(settings)
+            return run_doctor(settings, as_sql=args.sql)
         if args.command == "verify":
             from replicator.ops.verify import run_verify
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +9,13 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import psycopg
+from psycopg import sql as psql
 
+from replicator.badges import queries
+from replicator.badges import spec as badge_spec
+from replicator.badges.catalog import bind_sync
+from replicator.badges.predicate import Always, quote_name, to_sql, to_text
+from replicator.badges.spec import Badge, BadgeSpec
 from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir
@@ -18,7 +23,6 @@ from replicator.runtime.embedded import embedded_database
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_SERVER_VERSION = 14
-TABLES = ("messages", "calls")
 _REPLICA_IDENTITY = {"d": "default", "n": "nothing", "f": "full", "i": "index"}
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -26,44 +30,19 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 @dataclass(frozen=True)
 class Check:
-    """One line of the checklist; ``fix`` says what to run when it is not ok."""
+    """One line of the checklist; ``fix`` says what to do when it is not ok, and ``sql`` the
+    statements that do it (what ``doctor --sql`` prints)."""
 
     name: str
     status: str
     detail: str
     fix: str | None = None
+    sql: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class BadgeIndex:
-    """The partial index a badge query needs: leading key column and predicate terms."""
-
-    badge: str
-    table: str
-    name: str
-    columns: tuple[str, str]
-    predicate: frozenset[str]
-    where: str
-
-
-BADGE_INDEXES = (
-    BadgeIndex(
-        "unread_messages",
-        "messages",
-        "idx_messages_read_at",
-        ("recipient_id", "sender_id"),
-        frozenset({"read_at is null"}),
-        "read_at IS NULL",
-    ),
-    BadgeIndex(
-        "missed_calls",
-        "calls",
-        "idx_calls_missed_unread",
-        ("callee_id", "caller_id"),
-        frozenset({"status = 'missed'", "seen_at is null"}),
-        "status = 'missed' AND seen_at IS NULL",
-    ),
-)
+def fix_statements(*statements: str) -> dict[str, Any]:
+    """``fix`` and ``sql`` of a check that SQL alone mends."""
+    return {"fix": "; ".join(statements), "sql": statements}
 
 
 def connect(dsn: str, *, statement_timeout: str | None = "30s") -> Conn:
@@ -148,8 +127,33 @@ def check_wal_level(conn: Conn) -> Check:
     )
 
 
-def check_publication(conn: Conn, publication: str, schema: str) -> Check:
-    names = ", ".join(f"{schema}.{t}" for t in TABLES)
+def name(schema: str, table: str) -> str:
+    """A table's name as SQL, quoted only where it must be."""
+    return f"{quote_name(schema)}.{quote_name(table)}"
+
+
+qualified = name
+
+
+def check_badges(conn: Conn, specs: list[BadgeSpec]) -> tuple[Check, list[Badge]]:
+    """The badges file against the catalog: tables, columns, types, and the server's parse."""
+    unplanned = ""
+    try:
+        try:
+            badges = bind_sync(conn, specs)
+        except psycopg.errors.InsufficientPrivilege:
+            # table access reports the missing privilege; the catalog is readable without it
+            badges = bind_sync(conn, specs, explain=False)
+            unplanned = " (queries not planned: no privilege to read the tables)"
+    except ReplicatorError as exc:
+        return Check("badges", FAIL, str(exc), "fix the table, the column or the badges file"), []
+    described = ", ".join(f"{b.name} ({name(b.spec.schema, b.spec.table)})" for b in badges)
+    count = f"{len(badges)} badge{'s' * (len(badges) != 1)}"
+    return Check("badges", OK, f"{count}: {described}{unplanned}"), badges
+
+
+def check_publication(conn: Conn, publication: str, tables: list[tuple[str, str]]) -> Check:
+    names = ", ".join(name(*table) for table in tables)
     row = _rows(
         conn,
         "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication"
@@ -157,11 +161,13 @@ def check_publication(conn: Conn, publication: str, schema: str) -> Check:
         (publication,),
     )
     if not row:
+        create = f"CREATE PUBLICATION {quote_name(publication)} FOR TABLE {names}"
         return Check(
             "publication",
             FAIL,
             f"{publication} does not exist",
-            f"replicator migrate, or CREATE PUBLICATION {publication} FOR TABLE {names}",
+            f"replicator migrate (the default schema), or {create}",
+            (create,),
         )
     problems: list[str] = []
     fixes: list[str] = []
@@ -170,83 +176,168 @@ def check_publication(conn: Conn, publication: str, schema: str) -> Check:
         for op, on in zip(("insert", "update", "delete", "truncate"), row[0], strict=True)
         if not on
     ]
+    pub = quote_name(publication)
     if ops:
         problems.append(f"does not publish {', '.join(ops)}")
-        fixes.append(
-            f"ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
-        )
+        fixes.append(f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete, truncate')")
     extra = ", rowfilter IS NOT NULL" if conn.info.server_version >= 150000 else ", false"
     published = {
-        str(r[0]): bool(r[1])
+        (str(r[0]), str(r[1])): bool(r[2])
         for r in _rows(
             conn,
-            f"SELECT tablename{extra} FROM pg_publication_tables"
-            " WHERE pubname = %s AND schemaname = %s",
-            (publication, schema),
+            f"SELECT schemaname, tablename{extra} FROM pg_publication_tables WHERE pubname = %s",
+            (publication,),
         )
     }
-    missing = [f"{schema}.{t}" for t in TABLES if t not in published]
+    missing = [name(*table) for table in tables if table not in published]
     if missing:
         problems.append(f"lacks {', '.join(missing)}")
-        fixes.append(f"ALTER PUBLICATION {publication} ADD TABLE {', '.join(missing)}")
-    filtered = [f"{schema}.{t}" for t in TABLES if published.get(t)]
+        fixes.append(f"ALTER PUBLICATION {pub} ADD TABLE {', '.join(missing)}")
+    filtered = [name(*table) for table in tables if published.get(table)]
     if filtered:
         problems.append(f"filters the rows of {', '.join(filtered)}")
-        fixes.append(f"ALTER PUBLICATION {publication} SET TABLE {names}")
+        fixes.append(f"ALTER PUBLICATION {pub} SET TABLE {names}")
     if problems:
         return Check(
-            "publication", FAIL, f"{publication} {' and '.join(problems)}", "; ".join(fixes)
+            "publication", FAIL, f"{publication} {' and '.join(problems)}", **fix_statements(*fixes)
         )
     return Check(
         "publication", OK, f"{publication} holds {names} (insert, update, delete, truncate)"
     )
 
 
-def _tables(conn: Conn, schema: str) -> dict[str, str]:
+def _tables(conn: Conn, tables: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """Badge table -> replica identity letter, for the tables that exist."""
     return {
-        str(name): str(ident)
-        for name, ident in _rows(
+        (str(schema), str(table)): str(ident)
+        for schema, table, ident in _rows(
             conn,
-            "SELECT c.relname, c.relreplident FROM pg_class c"
+            "SELECT n.nspname, c.relname, c.relreplident FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
-            (schema, list(TABLES)),
+            " WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+            " AND c.relkind IN ('r', 'p')",
+            ([s for s, _ in tables], [t for _, t in tables]),
         )
     }
 
 
-def check_replica_identity(conn: Conn, schema: str) -> Check:
-    tables = _tables(conn, schema)
+def check_replica_identity(conn: Conn, tables: list[tuple[str, str]]) -> Check:
+    found = _tables(conn, tables)
     problems: list[str] = []
     fixes: list[str] = []
-    for table in TABLES:
-        ident = tables.get(table)
+    statements: list[str] = []
+    for table in tables:
+        ident = found.get(table)
         if ident is None:
-            problems.append(f"{schema}.{table} does not exist")
-            fixes.append("replicator migrate")
+            problems.append(f"{name(*table)} does not exist")
+            fixes.append("replicator migrate (the default schema), or create it")
         elif ident != "f":
             problems.append(
-                f"{schema}.{table} has replica identity {_REPLICA_IDENTITY.get(ident, ident)}"
+                f"{name(*table)} has replica identity {_REPLICA_IDENTITY.get(ident, ident)}"
             )
-            fixes.append(f"ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL")
+            statement = f"ALTER TABLE {name(*table)} REPLICA IDENTITY FULL"
+            fixes.append(statement)
+            statements.append(statement)
     if problems:
-        return Check("replica identity", FAIL, "; ".join(problems), "; ".join(dict.fromkeys(fixes)))
-    return Check("replica identity", OK, f"full on {', '.join(f'{schema}.{t}' for t in TABLES)}")
+        return Check(
+            "replica identity",
+            FAIL,
+            "; ".join(problems),
+            "; ".join(dict.fromkeys(fixes)),
+            tuple(statements),
+        )
+    return Check("replica identity", OK, f"full on {', '.join(name(*t) for t in tables)}")
 
 
-def _predicate_terms(predicate: str) -> frozenset[str]:
-    text = predicate.lower().replace("::text", "").replace("(", "").replace(")", "")
-    text = re.sub(r"\s+", " ", text).strip()
-    return frozenset(term.strip() for term in text.split(" and "))
+def _terms(predicate: str) -> frozenset[str]:
+    """The top-level AND terms of a predicate as the server prints it, outer parentheses off."""
+    terms: list[str] = []
+    depth, quoted, start = 0, False, 0
+    text = _unwrap(predicate.strip())
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+        elif not quoted and char == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and text.startswith(" AND ", i):
+            terms.append(text[start:i])
+            start = i + 5
+            i += 5
+            continue
+        i += 1
+    terms.append(text[start:])
+    return frozenset(_unwrap(term.strip()) for term in terms)
 
 
-def check_index(conn: Conn, schema: str, want: BadgeIndex) -> Check:
-    name = f"index {want.table}"
-    create = (
-        f"CREATE INDEX CONCURRENTLY {want.name} ON {schema}.{want.table}"
-        f" ({', '.join(want.columns)}) WHERE {want.where}"
-    )
+def _unwrap(text: str) -> str:
+    """``(x)`` -> ``x`` while the outer parentheses enclose the whole text."""
+    while text.startswith("(") and text.endswith(")"):
+        depth, quoted = 0, False
+        for i, char in enumerate(text):
+            if char == "'":
+                quoted = not quoted
+            elif not quoted and char == "(":
+                depth += 1
+            elif not quoted and char == ")":
+                depth -= 1
+                if depth == 0 and i != len(text) - 1:
+                    return text
+        text = text[1:-1].strip()
+    return text
+
+
+def _wanted_predicate(conn: Conn, badge: Badge) -> str | None:
+    """The badge's predicate as the server prints an index predicate: the same words an
+    index built for it shows, from a probe index on an empty temporary copy of the table."""
+    spec = badge.spec
+    if isinstance(spec.where, Always):
+        return None
+    with conn.transaction(force_rollback=True):
+        conn.execute(
+            psql.SQL("CREATE TEMPORARY TABLE replicator_doctor_probe (LIKE {})").format(
+                psql.Identifier(spec.schema, spec.table)
+            )
+        )
+        conn.execute(
+            psql.SQL(
+                "CREATE INDEX replicator_doctor_probe_index ON replicator_doctor_probe ({})"
+                " WHERE {}"
+            ).format(psql.Identifier(spec.user), to_sql(spec.where))
+        )
+        found = _value(
+            conn,
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index"
+            " WHERE indexrelid = 'replicator_doctor_probe_index'::regclass",
+        )
+    return str(found)
+
+
+def create_index(badge: Badge) -> str:
+    """The statement that builds the index a badge's snapshot wants."""
+    spec = badge.spec
+    # a partitioned table cannot build its index concurrently
+    how = "CREATE INDEX" if badge.table_kind == "p" else "CREATE INDEX CONCURRENTLY"
+    index = quote_name(f"idx_{spec.table}_{spec.name}"[:63])
+    columns = ", ".join(quote_name(c) for c in queries.index_columns(badge))
+    where = "" if isinstance(spec.where, Always) else f" WHERE {to_text(spec.where)}"
+    return f"{how} {index} ON {name(spec.schema, spec.table)} ({columns}){where}"
+
+
+def check_index(conn: Conn, bound: list[Badge], spec: BadgeSpec) -> Check:
+    check_name = f"index {spec.name}"
+    badge = next((b for b in bound if b.spec is spec), None)
+    if badge is None:
+        return Check(check_name, FAIL, "not checked: the badges do not fit the database")
+    table = name(spec.schema, spec.table)
+    statement = create_index(badge)
+    try:
+        want = _wanted_predicate(conn, badge)
+    except psycopg.errors.InsufficientPrivilege:
+        return Check(check_name, WARN, f"not checked: no privilege to read {table} (table access)")
     rows = _rows(
         conn,
         "SELECT i.relname, pg_get_expr(x.indpred, x.indrelid), x.indisvalid AND x.indisready,"
@@ -255,32 +346,38 @@ def check_index(conn: Conn, schema: str, want: BadgeIndex) -> Check:
         "  ORDER BY k.ord)"
         " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
         " JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace"
-        " WHERE n.nspname = %s AND t.relname = %s ORDER BY i.relname <> %s, i.relname",
-        (schema, want.table, want.name),
+        " WHERE n.nspname = %s AND t.relname = %s ORDER BY i.relname",
+        (spec.schema, spec.table),
     )
     invalid: list[str] = []
     for index, predicate, valid, columns in rows:
-        if predicate is None or _predicate_terms(str(predicate)) != want.predicate:
+        if want is None:
+            if predicate is not None:
+                continue
+        elif predicate is None or _terms(str(predicate)) != _terms(want):
             continue
-        if not columns or columns[0] != want.columns[0]:
+        if not columns or columns[0] != spec.user:
             continue
         if not valid:
             invalid.append(str(index))
             continue
-        return Check(name, OK, f"{index} serves {want.badge}")
+        return Check(check_name, OK, f"{index} serves {spec.name}")
     if invalid:
+        reindex = f"REINDEX INDEX CONCURRENTLY {name(spec.schema, invalid[0])}"
         return Check(
-            name,
+            check_name,
             FAIL,
-            f"{invalid[0]} on {schema}.{want.table} is invalid (an interrupted build)",
-            f"REINDEX INDEX CONCURRENTLY {schema}.{invalid[0]}",
+            f"{invalid[0]} on {table} is invalid (an interrupted build)",
+            **fix_statements(reindex),
         )
+    what = f"partial index on {table} ({spec.user}, ...) WHERE {to_text(spec.where)}"
+    if want is None:
+        what = f"index on {table} ({spec.user}, ...)"
     return Check(
-        name,
+        check_name,
         FAIL,
-        f"no partial index on {schema}.{want.table} ({want.columns[0]}, ...) WHERE {want.where};"
-        f" the {want.badge} snapshot scans the table",
-        create,
+        f"no {what}; the {spec.name} snapshot scans the table",
+        **fix_statements(statement),
     )
 
 
@@ -345,12 +442,12 @@ def check_role(conn: Conn) -> Check:
     )
 
 
-def check_access(conn: Conn, schema: str) -> Check:
-    tables = [f"{schema}.{t}" for t in TABLES if t in _tables(conn, schema)]
+def check_access(conn: Conn, tables: list[tuple[str, str]]) -> Check:
+    found = [table for table in tables if table in _tables(conn, tables)]
     denied = [
-        table
-        for table in tables
-        if not _value(conn, "SELECT has_table_privilege(%s, 'SELECT')", (table,))
+        name(*table)
+        for table in found
+        if not _value(conn, "SELECT has_table_privilege(%s, 'SELECT')", (name(*table),))
     ]
     role = _value(conn, "SELECT current_user")
     if denied:
@@ -358,13 +455,16 @@ def check_access(conn: Conn, schema: str) -> Check:
             "table access",
             FAIL,
             f"{role} cannot read {', '.join(denied)} (the start-up snapshot reads them)",
-            f'GRANT SELECT ON {", ".join(denied)} TO "{role}"',
+            **fix_statements(f'GRANT SELECT ON {", ".join(denied)} TO "{role}"'),
         )
-    if not tables:
+    if not found:
         return Check(
-            "table access", FAIL, f"no badge tables in schema {schema}", "replicator migrate"
+            "table access",
+            FAIL,
+            "none of the badge tables exists",
+            "replicator migrate (the default schema), or create your tables",
         )
-    return Check("table access", OK, f"{role} can read {', '.join(tables)}")
+    return Check("table access", OK, f"{role} can read {', '.join(name(*t) for t in found)}")
 
 
 def check_inactive_slots(conn: Conn, slot: str) -> Check:
@@ -421,30 +521,39 @@ def check_keep_size(conn: Conn) -> Check:
     )
 
 
-def run_checks(conn: Conn, *, publication: str, schema: str, slot: str) -> list[Check]:
+def run_checks(conn: Conn, *, publication: str, slot: str, specs: list[BadgeSpec]) -> list[Check]:
     """Every check, in order; a check that cannot run is a failure naming the error."""
+    tables = list(dict.fromkeys((s.schema, s.table) for s in specs))
+    bound: list[Badge] = []
+
+    def badges() -> Check:
+        check, found = check_badges(conn, specs)
+        bound.extend(found)
+        return check
+
     steps: list[tuple[str, Callable[[], Check]]] = [
         ("server", lambda: check_server(conn)),
         ("wal_level", lambda: check_wal_level(conn)),
-        ("publication", lambda: check_publication(conn, publication, schema)),
-        ("replica identity", lambda: check_replica_identity(conn, schema)),
+        ("badges", badges),
+        ("publication", lambda: check_publication(conn, publication, tables)),
+        ("replica identity", lambda: check_replica_identity(conn, tables)),
         *[
-            (f"index {want.table}", lambda want=want: check_index(conn, schema, want))
-            for want in BADGE_INDEXES
+            (f"index {spec.name}", lambda spec=spec: check_index(conn, bound, spec))
+            for spec in specs
         ],
         ("replication slots", lambda: check_slots(conn, slot)),
         ("wal senders", lambda: check_senders(conn, slot)),
         ("replication role", lambda: check_role(conn)),
-        ("table access", lambda: check_access(conn, schema)),
+        ("table access", lambda: check_access(conn, tables)),
         ("inactive slots", lambda: check_inactive_slots(conn, slot)),
         ("max_slot_wal_keep_size", lambda: check_keep_size(conn)),
     ]
     checks = []
-    for name, step in steps:
+    for check_name, step in steps:
         try:
             checks.append(step())
         except psycopg.Error as exc:
-            checks.append(Check(name, FAIL, f"could not check: {one_line(exc)}"))
+            checks.append(Check(check_name, FAIL, f"could not check: {one_line(exc)}"))
     return checks
 
 
@@ -470,7 +579,7 @@ def passed(checks: list[Check]) -> bool:
     return all(c.status != FAIL for c in checks)
 
 
-def run_doctor(settings: Settings, out: TextIO = sys.stdout) -> int:
+def run_doctor(settings: Settings, out: TextIO = sys.stdout, *, as_sql: bool = False) -> int:
     """Print the checklist; 0 when nothing failed, 1 otherwise."""
     with database_dsn(settings, start_embedded=True) as dsn, connect(dsn) as conn:
         print(
@@ -479,8 +588,28 @@ def run_doctor(settings: Settings, out: TextIO = sys.stdout) -> int:
             file=out,
         )
         checks = run_checks(
-            conn, publication=settings.publication, schema=settings.schema, slot=settings.slot
+            conn,
+            publication=settings.publication,
+            slot=settings.slot,
+            specs=badge_spec.load(settings.badges, schema=settings.schema),
         )
-    for line in render(checks):
+    for line in script(checks) if as_sql else render(checks):
         print(line, file=out)
     return 0 if passed(checks) else 1
+
+
+def script(checks: list[Check]) -> list[str]:
+    """The fixes of every check that did not pass, as one script for a DBA to review."""
+    lines = ["-- replicator doctor: statements that fix what failed; review before running"]
+    for check in checks:
+        if check.status == OK or not check.fix:
+            continue
+        lines.append("")
+        lines.append(f"-- {check.status} {check.name}: {check.detail}")
+        if check.sql:
+            lines += [statement.rstrip(";") + ";" for statement in check.sql]
+        else:
+            lines.append(f"-- (not SQL) {check.fix}")
+    if len(lines) == 1:
+        lines.append("-- nothing to fix")
+    return lines

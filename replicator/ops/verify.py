@@ -5,7 +5,7 @@ The database keeps changing while verify runs, so each attempt pins both sides t
 1. emit a sync point S0: ``pg_logical_emit_message(false, 'replicator.sync', '')``, a
    non-transactional message in the WAL, in a transaction that then takes an id X0 and
    commits (which flushes the message, so the service's walsender passes it at once);
-2. in one ``REPEATABLE READ`` transaction, run ``BADGE_QUERIES`` and note the snapshot's
+2. in one ``REPEATABLE READ`` transaction, run the badge queries and note the snapshot's
    in-progress transactions (``pg_current_snapshot()``);
 3. emit a sync point S1 the same way: every transaction that snapshot sees committed
    before S1;
@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import psycopg
-from psycopg import sql
 
-from replicator.badges.queries import BADGE_QUERIES
-from replicator.badges.state import BADGE_NAMES, MISSED, UNREAD
+from replicator.badges import queries
+from replicator.badges import spec as badge_spec
+from replicator.badges.catalog import bind_sync
+from replicator.badges.spec import Badge
 from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
 from replicator.ops.commands import signing_secret
@@ -98,11 +99,15 @@ def compare(service: Flat, database: Flat) -> list[Difference]:
 
 
 def flatten_service(users: dict[str, Any]) -> Flat:
+    """``/v1/admin/badges`` users as flat counts (a badge without counterpart: one number)."""
     flat: Flat = {}
     for user, badges in users.items():
-        for badge in BADGE_NAMES:
-            for counterpart, count in (badges.get(badge) or {}).items():
-                flat[user, badge, counterpart] = int(count)
+        for name, held in badges.items():
+            if isinstance(held, dict):
+                for counterpart, count in held.items():
+                    flat[user, name, counterpart] = int(count)
+            elif held:
+                flat[user, name, ""] = int(held)
     return flat
 
 
@@ -216,7 +221,7 @@ def emit_sync_point(conn: Conn) -> SyncPoint:
     return SyncPoint(parse_lsn(str(row[0])), int(xid[0]))
 
 
-def read_database(conn: Conn, schema: str) -> tuple[Flat, list[int]]:
+def read_database(conn: Conn, badges: list[Badge]) -> tuple[Flat, list[int]]:
     """The badge queries in one snapshot, and the transactions in progress at that snapshot."""
     flat: Flat = {}
     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -226,11 +231,9 @@ def read_database(conn: Conn, schema: str) -> tuple[Flat, list[int]]:
         ).fetchone()
         assert row is not None
         in_progress = [int(xid) for xid in row[0]]
-        for badge in (UNREAD, MISSED):
-            query = sql.SQL(BADGE_QUERIES[badge]).format(schema=sql.Identifier(schema))
-            name = BADGE_NAMES[badge]
-            for user, counterpart, count in conn.cursor().stream(query):
-                flat[str(user), name, str(counterpart)] = int(count)
+        for badge in badges:
+            for user, counterpart, count in conn.cursor().stream(queries.counts(badge)):
+                flat[str(user), badge.name, str(counterpart)] = int(count)
     except psycopg.Error as exc:
         raise ReplicatorError(f"cannot read the badge counts: {one_line(exc)}") from None
     finally:
@@ -259,8 +262,8 @@ def unseen_commits(conn: Conn, in_progress: list[int], before: SyncPoint) -> boo
 def verify(
     conn: Conn,
     client: ServiceClient,
+    badges: list[Badge],
     *,
-    schema: str = "public",
     attempts: int = 10,
     sync_timeout: float = 60.0,
     pause: float = 0.1,
@@ -269,7 +272,7 @@ def verify(
     persistent: dict[tuple[str, str, str], Difference] = {}
     for attempt in range(1, attempts + 1):
         before = emit_sync_point(conn)
-        database, in_progress = read_database(conn, schema)
+        database, in_progress = read_database(conn, badges)
         sync = emit_sync_point(conn)
         client.wait_applied(sync.lsn, sync_timeout)
         body = client.badges()
@@ -336,7 +339,8 @@ def run_verify(settings: Settings, url: str, out: TextIO = sys.stdout) -> int:
         database_dsn(settings, start_embedded=False) as dsn,
         connect(dsn, statement_timeout=None) as conn,
     ):
-        outcome = verify(conn, client, schema=settings.schema)
+        badges = bind_sync(conn, badge_spec.load(settings.badges, schema=settings.schema))
+        outcome = verify(conn, client, badges)
     for line in describe(outcome, client.url):
         print(line, file=out)
     return 1 if outcome.differences else 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
 import psycopg
 
+from replicator.badges import spec as badge_spec
 from replicator.badges.applier import Applier
+from replicator.badges.catalog import bind_async
+from replicator.badges.spec import Badge, BadgeSpec
 from replicator.badges.state import BadgeState
 from replicator.config.settings import DECODERS
 from replicator.errors import (
@@ -60,6 +63,13 @@ class ConsumerOptions:
     caught_up_window: float = 5.0
     #: output plugin: pgoutput, or wal2json (format-version 2) on servers that have it
     decoder: str = "pgoutput"
+    #: the badges to count (None: the built-in default, its tables in ``schema``)
+    badges: Sequence[BadgeSpec] | None = None
+
+    def specs(self) -> list[BadgeSpec]:
+        if self.badges is not None:
+            return list(self.badges)
+        return badge_spec.load(None, schema=self.schema)
 
 
 class Consumer:
@@ -80,9 +90,11 @@ class Consumer:
         if options.decoder not in DECODERS:
             raise ConfigError(f"decoder {options.decoder!r} is unknown; use pgoutput or wal2json")
         self.options = options
+        self.specs = options.specs()
         self._on_commit = on_commit
         self._on_live = on_live
-        self._use_state(BadgeState(), 0)
+        # Counts need the columns' types, which binding reads from the catalog at start.
+        self._use_state(self._empty_state(), 0, [])
         self.live = False
         self.error: str | None = None
         self.snapshot_seconds = 0.0
@@ -165,21 +177,28 @@ class Consumer:
                 await self._close_repl()
                 raise
 
+    def _empty_state(self) -> BadgeState:
+        return BadgeState(
+            [s.name for s in self.specs], [s.counterpart is not None for s in self.specs]
+        )
+
     async def _start_fresh(self) -> None:
         opts = self.options
         async with await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True) as admin:
-            await check_publication(admin, opts.publication, list(self.applier.tables()))
+            badges = await bind_async(admin, self.specs)
+            tables = list(dict.fromkeys((s.schema, s.table) for s in self.specs))
+            await check_publication(admin, opts.publication, tables)
             await clear_leftover_slot(admin, opts.slot)
         repl = await ReplicationConnection.open(opts.dsn)
         self._repl = repl
         started = time.monotonic()
         consistent_point, snapshot = await repl.create_slot(opts.slot, opts.decoder)
         self._slot_created = True
-        state = BadgeState()
+        state = self._empty_state()
         # The exported snapshot dies with the replication connection's next command, so it
         # is read now, before START_REPLICATION.
         async with await psycopg.AsyncConnection.connect(opts.dsn) as conn:
-            rows = await read_initial_state(conn, snapshot, opts.schema, state)
+            rows = await read_initial_state(conn, snapshot, badges, state)
         state.lsn = consistent_point
         self.snapshot_seconds = time.monotonic() - started
         self.snapshot_rows = rows
@@ -191,13 +210,13 @@ class Consumer:
             rows,
             self.snapshot_seconds,
         )
-        self._replace_state(state, consistent_point)
+        self._replace_state(state, consistent_point, badges)
         await self._start_streaming(consistent_point, first=True)
 
-    def _use_state(self, state: BadgeState, lsn: int) -> None:
+    def _use_state(self, state: BadgeState, lsn: int, badges: Sequence[Badge]) -> None:
         """Apply the stream to ``state`` from ``lsn`` on, through the configured decoder."""
         self.state = state
-        self.applier = Applier(state, schema=self.options.schema, on_commit=self._on_commit)
+        self.applier = Applier(state, badges, on_commit=self._on_commit)
         #: takes each XLogData payload with its WAL position
         self.feed: PgoutputFeed | Wal2jsonFeed = (
             Wal2jsonFeed(self.applier, self.applier.tables(), applied_lsn=lsn)
@@ -205,10 +224,14 @@ class Consumer:
             else PgoutputFeed(self.applier, applied_lsn=lsn)
         )
 
-    def _replace_state(self, state: BadgeState, lsn: int) -> None:
+    def _replace_state(self, state: BadgeState, lsn: int, badges: Sequence[Badge]) -> None:
         old = self.state
-        changed = {u for u in old.users.keys() | state.users.keys() if old.view(u) != state.view(u)}
-        self._use_state(state, lsn)
+        changed = {
+            u
+            for u in old.users.keys() | state.users.keys()
+            if list(old.view(u)) != list(state.view(u))
+        }
+        self._use_state(state, lsn, badges)
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
 

@@ -15,6 +15,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 
+from replicator.badges import spec as badge_spec
 from replicator.config.settings import Settings, require_jwt_key
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.fanout.hub import Hub
@@ -82,6 +83,7 @@ class Service:
                 publication=settings.publication,
                 schema=settings.schema,
                 decoder=settings.decoder,
+                badges=badge_spec.load(settings.badges, schema=settings.schema),
             ),
             on_commit=self.hub.publish,
             on_live=self._on_live,

@@ -129,8 +129,13 @@ class BadgeApp:
         if not identity.admin:
             return error(403, "forbidden", "this needs a service_role token")
         state = self.consumer.state
+        names, grouped = state.names, state.grouped
+        # a badge without a counterpart keeps its one count under ''
         users = {
-            user: {"unread_messages": counts[0], "missed_calls": counts[1]}
+            user: {
+                name: held if by else held.get("", 0)
+                for name, by, held in zip(names, grouped, counts, strict=True)
+            }
             for user, counts in state.users.items()
         }
         body = {

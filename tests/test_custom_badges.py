@@ -1,0 +1,206 @@
+"""Badges files of teams' own schemas, end to end: exact counts under a random workload on
+PostgreSQL 15 and 18 and both decoders, through open streams, and across schema changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from replicator.badges.spec import BadgeSpec
+from replicator.pg.lsn import parse_lsn
+from replicator.pipeline.consumer import Consumer
+from tests.conftest import Database
+from tests.custom_schemas import INBOX, OPS, PUBLICATION, SCHEMAS, CustomSchema, TableWorkload
+from tests.fault_support import admin_state, service_counts
+from tests.service_support import open_stream, running_service
+from tests.support import (
+    Counts,
+    caught_up,
+    database_counts,
+    running_consumer,
+    state_counts,
+    sync_point,
+    wait_applied,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def consume_workload(
+    db: Database, schema: CustomSchema, *, seed: int, decoder: str = "pgoutput"
+) -> Consumer:
+    await schema.create(db.dsn)
+    specs = schema.specs()
+    workload = TableWorkload(schema, seed)
+    await workload.run(db.dsn, 25)
+    async with running_consumer(
+        db.dsn, db.slot, decoder=decoder, badges=specs, publication=PUBLICATION
+    ) as consumer:
+        assert state_counts(consumer.state) == await database_counts(db.dsn, specs)
+        await workload.run(db.dsn, 150)
+        await caught_up(consumer, db.dsn)
+        expected = await database_counts(db.dsn, specs)
+        assert state_counts(consumer.state) == expected
+        assert expected, "the workload should leave badges behind"
+        assert consumer.feed.transactions > 100
+    return consumer
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+async def test_random_workload_is_exact(database: Database, name: str) -> None:
+    await consume_workload(database, SCHEMAS[name], seed=hash(name) % 1000)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+async def test_random_workload_is_exact_with_wal2json(
+    wal2json_database: Database, name: str
+) -> None:
+    await consume_workload(wal2json_database, SCHEMAS[name], seed=7, decoder="wal2json")
+
+
+def expected_event(user: str, counts: Counts, specs: list[BadgeSpec]) -> dict[str, Any]:
+    held = counts.get(user, tuple({} for _ in specs))
+    event: dict[str, Any] = {"user_id": user}
+    for spec, by in zip(specs, held, strict=True):
+        if spec.counterpart is not None:
+            event[spec.name] = by
+    for spec, by in zip(specs, held, strict=True):
+        event[f"total_{spec.name}"] = sum(by.values())
+    return event
+
+
+@pytest.mark.parametrize("schema", [INBOX, OPS], ids=lambda s: s.name)
+async def test_streams_show_the_exact_counts(
+    database: Database, schema: CustomSchema, tmp_path: Path
+) -> None:
+    """The service with a badges file: every user's stream ends on the badge queries' counts,
+    its event shaped by the file (maps of grouped badges, then every total, in file order)."""
+    await schema.create(database.dsn)
+    specs = schema.specs()
+    workload = TableWorkload(schema, seed=11)
+    await workload.run(database.dsn, 20)
+    env = {
+        "REPLICATOR_BADGES": str(schema.write_badges(tmp_path)),
+        "REPLICATOR_PUBLICATION": PUBLICATION,
+    }
+    with running_service(database.dsn, database.slot, env=env) as service:
+        last: dict[str, dict[str, Any]] = {}
+
+        async def follow(user: str) -> None:
+            async with open_stream(service.url, service.token(user)) as reader:
+                while True:
+                    event = await reader.next_badges(timeout=120)
+                    last[user] = event.data
+
+        async with anyio.create_task_group() as tg:
+            for user in schema.users:
+                tg.start_soon(follow, user)
+            await workload.run(database.dsn, 120)
+            target = await sync_point(database.dsn)
+            expected = await database_counts(database.dsn, specs)
+            with anyio.fail_after(60):
+                while True:
+                    state = await anyio.to_thread.run_sync(admin_state, service)
+                    if parse_lsn(state["applied_lsn"]) >= target:
+                        break
+                    await anyio.sleep(0.05)
+            assert service_counts(state, specs) == expected
+            want = {user: expected_event(user, expected, specs) for user in schema.users}
+            with anyio.fail_after(60):
+                while any(
+                    {k: v for k, v in last.get(user, {}).items() if k != "lsn"} != want[user]
+                    for user in schema.users
+                ):
+                    await anyio.sleep(0.05)
+            for user in schema.users:
+                assert list(last[user]) == ["user_id", "lsn", *list(want[user])[1:]]
+            tg.cancel_scope.cancel()
+
+
+# -- schema changes on a custom table ----------------------------------------------------------
+
+
+async def test_added_column_and_rewritten_table_stay_exact(database: Database) -> None:
+    db, schema = database, INBOX
+    await schema.create(db.dsn)
+    specs = schema.specs()
+    workload = TableWorkload(schema, seed=3)
+    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+        await workload.run(db.dsn, 30)
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute("ALTER TABLE inbox.notes ADD COLUMN tag text DEFAULT 'x'")
+            await workload.run(db.dsn, 30)
+            # a rewrite of the whole table, and a type change of a column no badge reads
+            await conn.execute("ALTER TABLE inbox.notes ALTER COLUMN body TYPE varchar(200)")
+            await conn.execute("VACUUM FULL inbox.notes")
+            await workload.run(db.dsn, 30)
+            await conn.execute("ALTER TABLE inbox.notes DROP COLUMN tag")
+        await workload.run(db.dsn, 30)
+        await caught_up(consumer, db.dsn)
+        assert state_counts(consumer.state) == await database_counts(db.dsn, specs)
+        assert consumer.error is None
+
+
+async def test_a_dropped_badge_column_stops_with_one_clear_error(database: Database) -> None:
+    db, schema = database, INBOX
+    await schema.create(db.dsn)
+    specs = schema.specs()
+    workload = TableWorkload(schema, seed=4)
+    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+        await workload.run(db.dsn, 20)
+        await caught_up(consumer, db.dsn)
+        before = state_counts(consumer.state)
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute("ALTER TABLE inbox.notes DROP COLUMN mentions_owner")
+            await conn.execute(
+                "INSERT INTO inbox.notes (owner_id, author_id, priority) VALUES (1, 2, 5)"
+            )
+        with anyio.fail_after(60):
+            while consumer.error is None:
+                await anyio.sleep(0.02)
+        assert consumer.error == (
+            "table inbox.notes has no column mentions_owner any more;"
+            " the unread_mentions badge needs it"
+        )
+        assert not consumer.live
+        # nothing of the transaction that could not be counted shows
+        assert state_counts(consumer.state) == before
+
+
+async def test_a_badge_column_whose_type_changes_stops_the_stream(database: Database) -> None:
+    db, schema = database, INBOX
+    await schema.create(db.dsn)
+    specs = schema.specs()
+    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute("ALTER TABLE inbox.notes ALTER COLUMN priority TYPE text")
+            await conn.execute(
+                "INSERT INTO inbox.notes (owner_id, author_id, priority) VALUES (1, 2, '5')"
+            )
+        with anyio.fail_after(60):
+            while consumer.error is None:
+                await anyio.sleep(0.02)
+        assert consumer.error.startswith(
+            "column priority of table inbox.notes is no longer smallint"
+        ), consumer.error
+
+
+async def test_an_unrelated_table_in_the_publication_is_ignored(database: Database) -> None:
+    db, schema = database, OPS
+    await schema.create(db.dsn)
+    specs = schema.specs()
+    async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+        await conn.execute(f"ALTER PUBLICATION {PUBLICATION} ADD TABLE public.messages")
+    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO messages (sender_id, recipient_id)"
+                " VALUES (gen_random_uuid(), gen_random_uuid())"
+            )
+        await TableWorkload(schema, seed=5).run(db.dsn, 20)
+        await wait_applied(consumer, await sync_point(db.dsn))
+        assert state_counts(consumer.state) == await database_counts(db.dsn, specs)
