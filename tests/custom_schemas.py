@@ -174,7 +174,7 @@ class TableWorkload:
     async def _statement(self, conn: Conn) -> None:
         rng = self.rng
         table, columns = self._table()
-        op = rng.choices(["insert", "update", "delete", "truncate"], [50, 35, 14, 1])[0]
+        op = rng.choices(["insert", "update", "delete", "truncate"], [50, 35, 14, 0.2])[0]
         if op == "insert":
             names = list(columns)
             rows = [[columns[n](rng) for n in names] for _ in range(rng.randint(1, 6))]

@@ -53,7 +53,12 @@ def service_counts(state: dict[str, Any], specs: list[BadgeSpec] | None = None) 
     names = [s.name for s in (DEFAULT_SPECS if specs is None else specs)]
     return {
         user: tuple(
-            dict(held[name]) if isinstance(held[name], dict) else {"": held[name]} for name in names
+            dict(held[name])
+            if isinstance(held[name], dict)
+            else {"": held[name]}
+            if held[name]
+            else {}
+            for name in names
         )
         for user, held in state["users"].items()
     }

@@ -14,6 +14,7 @@ from replicator.badges.applier import Applier
 from replicator.badges.catalog import bind_async
 from replicator.badges.spec import Badge, BadgeSpec, Table
 from replicator.badges.state import BadgeState
+from replicator.errors import ReplicatorError
 from replicator.pg.lsn import parse_lsn
 from replicator.pipeline.consumer import Consumer, ConsumerOptions
 
@@ -140,8 +141,11 @@ async def running_consumer(
     decoder: str = "pgoutput",
     badges: list[BadgeSpec] | None = None,
     publication: str = "badges",
+    stops: bool = False,
 ) -> AsyncIterator[Consumer]:
-    """A consumer streaming in the background for the duration of the block."""
+    """A consumer streaming in the background for the duration of the block.
+
+    With ``stops``, the block expects the stream to stop on an error (``consumer.error``)."""
     options = ConsumerOptions(
         dsn=dsn,
         slot=slot,
@@ -151,8 +155,16 @@ async def running_consumer(
         publication=publication,
     )
     consumer = Consumer(options)
+
+    async def run() -> None:
+        try:
+            await consumer.run()
+        except ReplicatorError:
+            if not stops:
+                raise
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(consumer.run)
+        tg.start_soon(run)
         try:
             if wait:
                 await wait_live(consumer)

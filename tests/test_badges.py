@@ -530,8 +530,16 @@ def test_null_user_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -
     assert stream.state.users == {}
     text = caplog.text
     assert "public.messages row id=5" in text and "recipient_id" in text
-    assert "public.messages row id=6" in text and "sender_id" in text
     assert "public.calls row id=9" in text and "callee_id" in text
+    # one warning per badge a minute: the second orphan message is counted, not logged
+    assert "row id=6" not in text
+    assert stream.applier.skipped_rows == [2, 1]
+    stream.applier._warned_at[0] -= 3600
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="replicator.badges.applier"):
+        stream.transaction(insert(MESSAGES_RULE, message(7, None, "u-ben")))
+    assert "row id=7 for unread_messages: it has no sender_id; it counts for nobody" in caplog.text
+    assert "(1 more such rows since the last warning)" in caplog.text
     # once it gets a recipient it counts, and taking it away again uncounts it exactly once
     fixed = {**orphan, "recipient_id": "u-cat"}
     stream.transaction(update(MESSAGES_RULE, orphan, fixed))

@@ -3,6 +3,10 @@ PostgreSQL 15 and 18 and both decoders, through open streams, and across schema 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +56,16 @@ async def consume_workload(
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 async def test_random_workload_is_exact(database: Database, name: str) -> None:
-    await consume_workload(database, SCHEMAS[name], seed=hash(name) % 1000)
+    await consume_workload(database, SCHEMAS[name], seed=len(name))
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 async def test_random_workload_is_exact_with_wal2json(
     wal2json_database: Database, name: str
 ) -> None:
-    await consume_workload(wal2json_database, SCHEMAS[name], seed=7, decoder="wal2json")
+    await consume_workload(
+        wal2json_database, SCHEMAS[name], seed=70 + len(name), decoder="wal2json"
+    )
 
 
 def expected_event(user: str, counts: Counts, specs: list[BadgeSpec]) -> dict[str, Any]:
@@ -150,7 +156,9 @@ async def test_a_dropped_badge_column_stops_with_one_clear_error(database: Datab
     await schema.create(db.dsn)
     specs = schema.specs()
     workload = TableWorkload(schema, seed=4)
-    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+    async with running_consumer(
+        db.dsn, db.slot, badges=specs, publication=PUBLICATION, stops=True
+    ) as consumer:
         await workload.run(db.dsn, 20)
         await caught_up(consumer, db.dsn)
         before = state_counts(consumer.state)
@@ -175,7 +183,9 @@ async def test_a_badge_column_whose_type_changes_stops_the_stream(database: Data
     db, schema = database, INBOX
     await schema.create(db.dsn)
     specs = schema.specs()
-    async with running_consumer(db.dsn, db.slot, badges=specs, publication=PUBLICATION) as consumer:
+    async with running_consumer(
+        db.dsn, db.slot, badges=specs, publication=PUBLICATION, stops=True
+    ) as consumer:
         async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
             await conn.execute("ALTER TABLE inbox.notes ALTER COLUMN priority TYPE text")
             await conn.execute(
@@ -204,3 +214,90 @@ async def test_an_unrelated_table_in_the_publication_is_ignored(database: Databa
         await TableWorkload(schema, seed=5).run(db.dsn, 20)
         await wait_applied(consumer, await sync_point(db.dsn))
         assert state_counts(consumer.state) == await database_counts(db.dsn, specs)
+
+
+# -- doctor and verify with a badges file ----------------------------------------------------
+
+
+def command(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATOR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+async def test_doctor_checks_a_custom_schema_and_its_script_fixes_it(
+    database: Database, tmp_path: Path
+) -> None:
+    db, schema = database, OPS
+    await schema.create(db.dsn)
+    async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE ops.alerts REPLICA IDENTITY DEFAULT")
+        await conn.execute(f"ALTER PUBLICATION {PUBLICATION} DROP TABLE ops.alerts")
+    env = {
+        "DATABASE_URL": db.dsn,
+        "REPLICATOR_SLOT": db.slot,
+        "REPLICATOR_PUBLICATION": PUBLICATION,
+        "REPLICATOR_BADGES": str(schema.write_badges(tmp_path)),
+    }
+    run = command("doctor", **env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    failed = [line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed == [
+        ["publication", "team_badges"],
+        ["replica", "identity"],
+        ["index", "open_alerts"],
+        ["index", "noisy"],
+    ]
+    assert "ok    badges" in run.stdout
+    assert (
+        "fix: CREATE INDEX CONCURRENTLY idx_alerts_open_alerts ON ops.alerts"
+        " (\"userName\", source) WHERE acked_at is null and level in ('warn', 'error')"
+    ) in run.stdout
+
+    script = command("doctor", "--sql", **env)
+    assert script.returncode == 1
+    statements = [
+        line.rstrip(";")
+        for line in script.stdout.splitlines()
+        if line and not line.startswith("--")
+    ]
+    assert statements == [
+        f"ALTER PUBLICATION {PUBLICATION} ADD TABLE ops.alerts",
+        "ALTER TABLE ops.alerts REPLICA IDENTITY FULL",
+        'CREATE INDEX CONCURRENTLY idx_alerts_open_alerts ON ops.alerts ("userName", source)'
+        " WHERE acked_at is null and level in ('warn', 'error')",
+        'CREATE INDEX CONCURRENTLY idx_alerts_noisy ON ops.alerts ("userName") WHERE level <>'
+        " 'debug' and (score > 2.5 or score is null) and muted is not true",
+    ]
+    async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+        for statement in statements:
+            await conn.execute(statement.encode())
+    run = command("doctor", **env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"ok +index open_alerts +idx_alerts_open_alerts serves open_alerts", run.stdout)
+    assert re.search(r"ok +index noisy +idx_alerts_noisy serves noisy", run.stdout)
+
+
+async def test_verify_compares_a_custom_schema(database: Database, tmp_path: Path) -> None:
+    db, schema = database, INBOX
+    await schema.create(db.dsn)
+    await TableWorkload(schema, seed=21).run(db.dsn, 40)
+    path = schema.write_badges(tmp_path)
+    env = {"REPLICATOR_BADGES": str(path), "REPLICATOR_PUBLICATION": PUBLICATION}
+    with running_service(db.dsn, db.slot, env=env) as service:
+        await TableWorkload(schema, seed=22).run(db.dsn, 40)
+        run = command(
+            "verify",
+            "--url",
+            service.url,
+            DATABASE_URL=db.dsn,
+            REPLICATOR_JWT_SECRET=service.secret,
+            **env,
+        )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith(f"ok    the service at {service.url} agrees with the database")

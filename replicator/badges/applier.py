@@ -13,6 +13,7 @@ columns it needs; a row then costs one call and no object of its own.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: a column whose value names a row in warnings, when the table has it
 KEY_COLUMN = "id"
+#: seconds between warnings about rows that count for nobody, per badge
+WARN_EVERY_S = 60.0
 
 
 class Applier:
@@ -49,6 +52,11 @@ class Applier:
         self._truncated: set[int] = set()
         #: relid -> the badges that read it
         self._relations: dict[int, tuple[Badge, ...]] = {}
+        #: per badge: when rows that count for nobody were last logged, and how many since
+        self._warned_at = [-WARN_EVERY_S] * len(self.badges)
+        self._unlogged = [0] * len(self.badges)
+        #: rows that counted for nobody (a NULL user or counterpart), per badge
+        self.skipped_rows = [0] * len(self.badges)
 
     @property
     def pending_pairs(self) -> int:
@@ -139,16 +147,25 @@ class Applier:
         key_slot = slot_of.get(KEY_COLUMN)
 
         def skip(values: Values, badge: int) -> None:
+            self.skipped_rows[badge] += 1
+            now = time.monotonic()
+            if now - self._warned_at[badge] < WARN_EVERY_S:
+                self._unlogged[badge] += 1
+                return
             spec = self.badges[badge].spec
             missing = spec.user if values[slot_of[spec.user]] is None else spec.counterpart
             key = f" id={values[key_slot]!s}" if key_slot is not None else ""
+            more = self._unlogged[badge]
             logger.warning(
-                "skipping %s row%s for %s: it has no %s; it counts for nobody",
+                "skipping %s row%s for %s: it has no %s; it counts for nobody%s",
                 table,
                 key,
                 spec.name,
                 missing,
+                f" ({more} more such rows since the last warning)" if more else "",
             )
+            self._warned_at[badge] = now
+            self._unlogged[badge] = 0
 
         insert, change = _compile(badges, slot_of, self._deltas, skip)
 

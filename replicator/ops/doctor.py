@@ -583,8 +583,8 @@ def run_doctor(settings: Settings, out: TextIO = sys.stdout, *, as_sql: bool = F
     """Print the checklist; 0 when nothing failed, 1 otherwise."""
     with database_dsn(settings, start_embedded=True) as dsn, connect(dsn) as conn:
         print(
-            f"checking database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
-            f" as role {conn.info.user}",
+            f"{'-- ' if as_sql else ''}checking database {conn.info.dbname}"
+            f" on {conn.info.host}:{conn.info.port} as role {conn.info.user}",
             file=out,
         )
         checks = run_checks(
