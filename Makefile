@@ -33,8 +33,10 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
+# BASELINE: the commit the decode benchmark compares with, installed in its own virtualenv
+BASELINE ?= HEAD~1
 bench-decode: $(STAMP)
-	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/decode.py --baseline $(BASELINE)
 
 bench-fanout: $(STAMP)
 	$(BIN)/python benchmarks/fanout.py

@@ -4,11 +4,14 @@
 
     ReplicatorError
     ├── ConfigError          a setting has a bad value (names the variable and the value)
+    │   ├── BadgeFileError   a badges file that cannot be used (names file, badge and key)
+    │   └── PredicateError   a badge's where outside the grammar or its columns' types
     ├── DatabaseSetupError   the database is not set up for replication (publication, slot...)
     │   └── SlotInUseError   another process streams from our slot
     ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
-    ├── SchemaError          a badge table lost a column the badge rules need
-    └── ReplicationLost      the replication connection broke; the caller may reconnect
+    ├── SchemaError          a badge table or column is missing, or changed under the stream
+    ├── ReplicationLost      the replication connection broke; the caller may reconnect
+    └── SlotMissing          our slot is gone; start afresh with a new snapshot
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ class ReplicatorError(Exception):
 
 class ConfigError(ReplicatorError):
     """A configuration value is wrong; the message names the variable and the value."""
+
+
+class BadgeFileError(ConfigError):
+    """A badges file that cannot be used; the message names the file, the badge and the key."""
+
+
+class PredicateError(ConfigError):
+    """A ``where`` that is not in the grammar, or does not fit its columns' types."""
 
 
 class DatabaseSetupError(ReplicatorError):
@@ -40,6 +51,10 @@ class SchemaError(ReplicatorError):
 
 class ReplicationLost(ReplicatorError):
     """The replication connection is gone; resuming from the last applied LSN is safe."""
+
+
+class SlotMissing(ReplicatorError):
+    """Our slot disappeared while we were away (an administrator dropped it)."""
 
 
 def one_line(exc: BaseException) -> str:

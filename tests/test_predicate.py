@@ -20,7 +20,8 @@ from psycopg import sql
 
 from replicator.badges import predicate
 from replicator.badges.catalog import CATALOG_QUERY, tables_from_rows
-from replicator.badges.predicate import PredicateError, parse, row_test, to_sql, to_text
+from replicator.badges.predicate import parse, row_test, to_sql, to_text
+from replicator.errors import PredicateError
 from tests.conftest import Database
 
 # -- parsing ----------------------------------------------------------------------------------

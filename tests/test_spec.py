@@ -12,8 +12,8 @@ import pytest
 
 from replicator.badges import spec as badge_spec
 from replicator.badges.catalog import bind_sync
-from replicator.badges.spec import BadgeFileError, parse
-from replicator.errors import SchemaError
+from replicator.badges.spec import parse
+from replicator.errors import BadgeFileError, SchemaError
 from tests.conftest import Database
 
 GOOD = """

@@ -10,8 +10,8 @@ import psycopg
 
 from replicator.badges import predicate, queries
 from replicator.badges.predicate import Column
-from replicator.badges.spec import Badge, BadgeFileError, BadgeSpec, Table, bind
-from replicator.errors import one_line
+from replicator.badges.spec import Badge, BadgeSpec, Table, bind
+from replicator.errors import BadgeFileError, one_line
 
 #: every column of the badge tables, with its type resolved through one level of domain
 CATALOG_QUERY = """

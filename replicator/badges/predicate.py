@@ -28,12 +28,7 @@ from typing import Any
 
 from psycopg import sql
 
-from replicator.errors import ConfigError
-
-
-class PredicateError(ConfigError):
-    """A ``where`` that is not in the grammar, or does not fit its columns' types."""
-
+from replicator.errors import PredicateError
 
 # -- the tree -------------------------------------------------------------------------------
 

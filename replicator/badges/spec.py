@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from replicator.badges import predicate
-from replicator.badges.predicate import Column, Node, PredicateError
-from replicator.errors import ConfigError, SchemaError
+from replicator.badges.predicate import Column, Node
+from replicator.errors import BadgeFileError, PredicateError, SchemaError
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "default.toml"
 KEYS = ("name", "table", "user", "counterpart", "where")
@@ -84,10 +84,6 @@ class Badge:
     @property
     def name(self) -> str:
         return self.spec.name
-
-
-class BadgeFileError(ConfigError):
-    """A badges file that cannot be used; the message names the file, the badge and the key."""
 
 
 def load(path: Path | None, *, schema: str = "public") -> list[BadgeSpec]:

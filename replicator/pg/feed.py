@@ -8,7 +8,7 @@ and, after a reconnect, skips the transactions applied before it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from replicator.errors import ProtocolError
 from replicator.pg.changes import (
@@ -24,6 +24,7 @@ from replicator.pg.changes import (
     Relation,
     Truncate,
     Update,
+    Values,
 )
 from replicator.pg.decoding import pgoutput, wal2json
 from replicator.pg.lsn import format_lsn
@@ -47,6 +48,8 @@ class TransactionFeed:
         self.skipped_transactions = 0
         self.last_commit_time = 0
         self._projections: dict[int, Projection] = {}
+        #: relid -> its projection's insert, for the fast path of inserts
+        self._inserts: dict[int, Callable[[Values], None]] = {}
         self._in_transaction = False
         self._skipping = False
 
@@ -99,9 +102,11 @@ class TransactionFeed:
         projection = self.sink.relation(rel)
         if projection is None:
             self._projections.pop(rel.relid, None)
+            self._inserts.pop(rel.relid, None)
             self.project(rel.relid, None)
         else:
             self._projections[rel.relid] = projection
+            self._inserts[rel.relid] = projection.insert
             self.project(rel.relid, projection.slots)
 
     def _begin(self, msg: Begin) -> None:
@@ -172,12 +177,12 @@ class PgoutputFeed(TransactionFeed):
             return
         # Inserts are most of any stream: ``_insert`` for one, with the fewest calls.
         relid, new = self.decoder.insert_row(payload, lsn)
-        projection = self._projections.get(relid)
-        if projection is None or self._skipping:
+        insert = self._inserts.get(relid)
+        if insert is None or self._skipping:
             return
         self.rows += 1
         if new is not None:
-            projection.insert(new)
+            insert(new)
 
 
 class Wal2jsonFeed(TransactionFeed):

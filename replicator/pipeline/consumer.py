@@ -23,6 +23,7 @@ from replicator.errors import (
     ReplicationLost,
     ReplicatorError,
     SlotInUseError,
+    SlotMissing,
     one_line,
 )
 from replicator.pg.decoding import wal2json
@@ -348,10 +349,6 @@ class ConsumerView:
     @property
     def transactions_applied(self) -> int:
         return self._consumer.feed.transactions
-
-
-class SlotMissing(ReplicatorError):
-    """Our slot disappeared while we were away (an administrator dropped it)."""
 
 
 async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:
