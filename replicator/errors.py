@@ -4,6 +4,9 @@
 
     ReplicatorError
     ├── ConfigError          a setting has a bad value (names the variable and the value)
+    ├── AuthError            a request's token is missing or not acceptable (safe to show)
+    ├── UnusableKey          a key that cannot verify tokens (a short RSA key, an odd curve)
+    ├── JwksUnavailable      one JWKS fetch failed (logged; the keys already known stay)
     ├── DatabaseSetupError   the database is not set up for replication (publication, slot...)
     │   └── SlotInUseError   another process streams from our slot
     ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
@@ -20,6 +23,18 @@ class ReplicatorError(Exception):
 
 class ConfigError(ReplicatorError):
     """A configuration value is wrong; the message names the variable and the value."""
+
+
+class AuthError(ReplicatorError):
+    """A request's credentials are missing or not acceptable; the message is safe to show."""
+
+
+class UnusableKey(ReplicatorError):
+    """A key that cannot verify tokens; the message says what it is."""
+
+
+class JwksUnavailable(ReplicatorError):
+    """A JWKS fetch gave no usable key set; the message says why."""
 
 
 class DatabaseSetupError(ReplicatorError):

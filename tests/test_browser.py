@@ -187,8 +187,9 @@ def test_page_marks_counts_stale_while_replication_is_down(database: Database, p
 
 def test_refused_token_is_reported_and_not_retried(database: Database, page: Page) -> None:
     with running_service(database.dsn, database.slot) as service:
+        # The client trades the token for a stream ticket first: that is the one request.
         streams: list[str] = []
-        page.on("request", lambda r: streams.append(r.url) if "/stream" in r.url else None)
+        page.on("request", lambda r: streams.append(r.url) if "/v1/badges" in r.url else None)
         expired = service.token(DEMO_USER, ttl=-60)
         page.goto(f"{service.url}/#access_token={expired}", wait_until="domcontentloaded")
         app = page.locator("#app")
@@ -197,7 +198,7 @@ def test_refused_token_is_reported_and_not_retried(database: Database, page: Pag
         expect(page.get_by_test_id("status")).to_have_text("Signed out")
         # Longer than the client's first reconnect delay: no second attempt comes.
         page.wait_for_timeout(2500)
-        assert len(streams) == 1
+        assert [urlsplit(url).path for url in streams] == ["/v1/badges/ticket"]
 
         page.goto(f"{service.url}/", wait_until="domcontentloaded")
         expect(app).to_have_attribute("data-state", "unauthorized")

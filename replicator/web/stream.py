@@ -18,7 +18,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from replicator.fanout.hub import HEARTBEAT, Hub, Subscriber
+from replicator.fanout.hub import HEARTBEAT, REAUTHENTICATE, Hub, Subscriber
 
 RETRY_MS = 2000
 #: sent ahead of the first event, inside its block
@@ -43,8 +43,9 @@ async def until_disconnect(receive: Receive) -> None:
 class BadgeStreamResponse(Response):
     """``text/event-stream`` of the user's state: all of it at once, then each newer state.
 
-    Ends when the client hangs up, when the hub closes the stream (shutdown), or when a send
-    has not completed within ``send_timeout`` seconds.
+    Ends when the client hangs up, when the hub closes the stream (shutdown), when a send
+    has not completed within ``send_timeout`` seconds, or after ``reauthenticate`` when the
+    token expires.
     """
 
     media_type = "text/event-stream"
@@ -118,4 +119,6 @@ class BadgeStreamResponse(Response):
             sub.last_sent = now
             if data is not HEARTBEAT:
                 stats.events_sent += 1
+                if data is REAUTHENTICATE:
+                    break
         await send(END)
