@@ -13,7 +13,9 @@ import anyio
 import httpx
 import jwt
 import pytest
+from starlette.requests import Request
 
+from replicator.web.app import client_address
 from replicator.web.cors import CorsPolicy
 from tests.conftest import Server, create_database, drop_database
 from tests.service_support import RunningService, running_service
@@ -302,3 +304,17 @@ async def test_fair_shares_per_address_proxy_anonymous_and_reserve(idle: Running
     after = service.metrics()
     for reason, count in (("address", 2), ("anonymous", 1), ("reserve", 1), ("capacity", 0)):
         assert _refused(after, reason) - _refused(before, reason) == count, reason
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # the same host's /64
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+    ],
+)
+def test_client_address_groups_ipv6_by_its_64(peer: str, address: str) -> None:
+    request = Request({"type": "http", "client": (peer, 4000), "headers": []})
+    assert client_address(request) == address

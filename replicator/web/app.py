@@ -1,4 +1,4 @@
-"""The Starlette app: badge stream and snapshot, health, metrics, the demo page and client."""
+"""The Starlette app: badge stream, snapshot and tickets, health, metrics, demo page, client."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 What an idle stream costs is what it keeps while suspended, times ten thousand. So a stream
 is the request's own task waiting on one future, plus one small task that waits for the
 client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
-heartbeat wheel flags heartbeats, and also drops a stream whose send has overstayed
-``send_timeout`` (the client stopped reading) the next time it looks at the stream, which
-is at most a sixteenth of the heartbeat interval later.
+heartbeat wheel flags heartbeats, drops a stream whose send has overstayed ``send_timeout``
+(the client stopped reading), and ends one whose token has expired, each the next time it
+looks at the stream, which is at most a sixteenth of the heartbeat interval later.
 """
 
 from __future__ import annotations
