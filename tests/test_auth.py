@@ -9,6 +9,7 @@ import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import jwt
@@ -16,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from replicator.errors import ConfigError
 from replicator.runtime.redact import RedactTokens
 from replicator.web.auth import AuthError, TokenVerifier, mint_token
 from tests.conftest import Database
@@ -291,3 +293,27 @@ def test_query_string_tokens_never_reach_the_logs(database: Database) -> None:
     assert token not in log
     assert bad not in log
     assert ticket not in log and ticket.split(".")[1] not in log
+
+
+def test_unusable_public_keys_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    private = weak.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    cases = {
+        _pem(weak): "is an RSA key of 1024 bits (fewer than 2048)",
+        private: "holds a private key; give its public key",
+        "-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----": "readable PEM",
+        str(tmp_path / "missing.pem"): "is neither a PEM key nor a readable file",
+    }
+    for value, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            TokenVerifier(secret=None, public_key=value)
+        assert str(info.value).startswith("REPLICATOR_JWT_PUBLIC_KEY") and message in str(
+            info.value
+        )
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(_pem(ec.generate_private_key(ec.SECP384R1())))
+    assert TokenVerifier(secret=None, public_key=str(key_file))
