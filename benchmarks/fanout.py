@@ -378,6 +378,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "REPLICATOR_MAX_STREAMS": str(most + args.stalled + 1000),
                 # the stalled streams stay open through their phase (10 per stalled user)
                 "REPLICATOR_MAX_STREAMS_PER_USER": "20",
+                # every stream comes from this host; none is held back for reconnects
+                "REPLICATOR_MAX_STREAMS_PER_ADDRESS": "1000000",
+                "REPLICATOR_RESERVED_STREAMS": "0",
                 "REPLICATOR_SEND_TIMEOUT_S": "600",
                 "REPLICATOR_HEARTBEAT_S": str(args.heartbeat),
                 **dict(kv.split("=", 1) for kv in args.service_env),

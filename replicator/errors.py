@@ -6,6 +6,9 @@
     ├── ConfigError          a setting has a bad value (names the variable and the value)
     │   ├── BadgeFileError   a badges file that cannot be used (names file, badge and key)
     │   └── PredicateError   a badge's where outside the grammar or its columns' types
+    ├── AuthError            a request's token is missing or not acceptable (safe to show)
+    ├── UnusableKey          a key that cannot verify tokens (a short RSA key, an odd curve)
+    ├── JwksUnavailable      one JWKS fetch failed (logged; the keys already known stay)
     ├── DatabaseSetupError   the database is not set up for replication (publication, slot...)
     │   └── SlotInUseError   another process streams from our slot
     ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
@@ -31,6 +34,18 @@ class BadgeFileError(ConfigError):
 
 class PredicateError(ConfigError):
     """A ``where`` that is not in the grammar, or does not fit its columns' types."""
+
+
+class AuthError(ReplicatorError):
+    """A request's credentials are missing or not acceptable; the message is safe to show."""
+
+
+class UnusableKey(ReplicatorError):
+    """A key that cannot verify tokens; the message says what it is."""
+
+
+class JwksUnavailable(ReplicatorError):
+    """A JWKS fetch gave no usable key set; the message says why."""
 
 
 class DatabaseSetupError(ReplicatorError):

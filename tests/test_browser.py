@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -187,8 +191,9 @@ def test_page_marks_counts_stale_while_replication_is_down(database: Database, p
 
 def test_refused_token_is_reported_and_not_retried(database: Database, page: Page) -> None:
     with running_service(database.dsn, database.slot) as service:
+        # The client trades the token for a stream ticket first: that is the one request.
         streams: list[str] = []
-        page.on("request", lambda r: streams.append(r.url) if "/stream" in r.url else None)
+        page.on("request", lambda r: streams.append(r.url) if "/v1/badges" in r.url else None)
         expired = service.token(DEMO_USER, ttl=-60)
         page.goto(f"{service.url}/#access_token={expired}", wait_until="domcontentloaded")
         app = page.locator("#app")
@@ -197,7 +202,7 @@ def test_refused_token_is_reported_and_not_retried(database: Database, page: Pag
         expect(page.get_by_test_id("status")).to_have_text("Signed out")
         # Longer than the client's first reconnect delay: no second attempt comes.
         page.wait_for_timeout(2500)
-        assert len(streams) == 1
+        assert [urlsplit(url).path for url in streams] == ["/v1/badges/ticket"]
 
         page.goto(f"{service.url}/", wait_until="domcontentloaded")
         expect(app).to_have_attribute("data-state", "unauthorized")
@@ -227,3 +232,159 @@ def test_client_loads_as_a_module_and_takes_a_token_function(
     assert result["state"]["user_id"] == DEMO_USER
     assert result["state"]["unread_messages"] == {DAD: 1}
     assert result["status"] == {"connected": True, "live": True, "lagMs": 0, "error": None}
+
+
+def test_expiring_tokens_are_refreshed_and_no_change_is_lost(
+    database: Database, page: Page
+) -> None:
+    """5-second tokens: at each expiry the stream says reauthenticate, the client asks its
+    token() for a new one and reconnects at once; every change still shows."""
+    dsn = database.dsn
+    with running_service(dsn, database.slot) as service:
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url) if "/v1/badges" in r.url else None)
+        page.expose_function("mintToken", lambda: service.token(DEMO_USER, ttl=5))
+        page.goto(f"{service.url}/healthz")
+        page.evaluate(
+            """async () => {
+                await import("/badges.js");
+                window.tokens = 0;
+                window.client = globalThis.ReplicatorBadges.connect({
+                    token: async () => { window.tokens += 1; return await window.mintToken(); },
+                    onChange(state, status) {
+                        window.latest = state;
+                        window.clientStatus = status;
+                    },
+                });
+            }"""
+        )
+        for round_ in range(1, 5):
+            # a new token means the last one expired and its stream was ended
+            page.wait_for_function(f"window.tokens >= {round_ + 1}")
+            message(dsn, DAD)
+            page.wait_for_function(
+                f"window.latest && window.latest.unread_messages[{DAD!r}] === {round_}"
+            )
+        status = page.evaluate("window.clientStatus")
+        assert status["error"] is None and status["live"] is True
+        page.evaluate("window.client.close()")
+    streams = [url for url in requests if "/stream" in url]
+    assert len(streams) >= 5
+    assert all("ticket=" in url and "access_token" not in url for url in streams)
+
+
+def test_a_fixed_token_stops_with_token_expired(database: Database, page: Page) -> None:
+    with running_service(database.dsn, database.slot) as service:
+        tickets: list[str] = []
+        page.on("request", lambda r: tickets.append(r.url) if "/ticket" in r.url else None)
+        token = service.token(DEMO_USER, ttl=3)
+        page.goto(f"{service.url}/#access_token={token}", wait_until="domcontentloaded")
+        app = page.locator("#app")
+        expect(app).to_have_attribute("data-state", "live")
+        expect(app).to_have_attribute("data-state", "unauthorized")
+        expect(page.get_by_test_id("auth-reason")).to_have_text("The token has expired.")
+        assert page.evaluate("window.badges.status.error") == "token expired"
+        assert len(tickets) == 1
+
+
+class _AppPage(BaseHTTPRequestHandler):
+    """An app's page on its own origin; its scripts come from the service."""
+
+    def do_GET(self) -> None:
+        body = b"<!doctype html><meta charset=utf-8><title>app</title><p>app"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def app_origin() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _AppPage)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def with_deadline(page: Page, condition: Callable[[], bool]) -> None:
+    """Poll a condition on the test's side (page events arrive while Playwright waits)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        page.wait_for_timeout(50)
+
+
+CROSS_ORIGIN_CLIENT = """async ([service, token, withCredentials]) => {
+    const snapshot = await fetch(service + "/v1/badges", {
+        headers: token ? { Authorization: "Bearer " + token } : {},
+        credentials: withCredentials ? "include" : "omit",
+    }).then((r) => r.json()).catch((e) => ({ failed: String(e) }));
+    window.latest = null;
+    window.client = globalThis.ReplicatorBadges.connect({
+        url: service + "/v1/badges/stream",
+        token: token ? () => token : null,
+        withCredentials,
+        onChange(state, status) { window.latest = state; window.clientStatus = status; },
+    });
+    return snapshot;
+}"""
+
+
+def test_a_page_on_another_origin_uses_fetch_and_eventsource(
+    database: Database, browser: Browser
+) -> None:
+    dsn = database.dsn
+    with app_origin() as listed, app_origin() as other:
+        env = {"REPLICATOR_CORS_ORIGINS": f"{listed},*"}
+        with running_service(dsn, database.slot, env=env) as service:
+            token = service.token(DEMO_USER)
+            pages = {}
+            for origin in (listed, other):
+                context = browser.new_context()
+                context.add_cookies([{"name": "access_token", "value": token, "url": service.url}])
+                pages[origin] = context.new_page()
+                pages[origin].set_default_timeout(WAIT_MS)
+                pages[origin].goto(origin + "/")
+                pages[origin].add_script_tag(url=service.url + "/badges.js")
+            try:
+                # A listed origin: the header token, then the cookie (credentials).
+                app = pages[listed]
+                first = app.evaluate(CROSS_ORIGIN_CLIENT, [service.url, token, False])
+                assert first["user_id"] == DEMO_USER
+                app.wait_for_function("window.latest && window.clientStatus.live")
+                message(dsn, MOM)
+                app.wait_for_function(f"window.latest?.unread_messages[{MOM!r}] === 1")
+                app.evaluate("window.client.close()")
+                with_cookie = app.evaluate(CROSS_ORIGIN_CLIENT, [service.url, None, True])
+                assert with_cookie["user_id"] == DEMO_USER
+                app.wait_for_function(f"window.latest?.unread_messages[{MOM!r}] === 1")
+
+                # Any other origin (*): tokens in a header or a ticket work, the cookie not.
+                elsewhere = pages[other]
+                snapshot = elsewhere.evaluate(CROSS_ORIGIN_CLIENT, [service.url, token, False])
+                assert snapshot["unread_messages"] == {MOM: 1}
+                elsewhere.wait_for_function("window.latest && window.clientStatus.live")
+                message(dsn, MOM)
+                for page in (app, elsewhere):
+                    page.wait_for_function(f"window.latest?.unread_messages[{MOM!r}] === 2")
+                elsewhere.evaluate("window.client.close()")
+                attempts: list[str] = []
+                elsewhere.on(
+                    "request", lambda r: attempts.append(r.url) if "/stream" in r.url else None
+                )
+                refused = elsewhere.evaluate(CROSS_ORIGIN_CLIENT, [service.url, None, True])
+                assert "failed" in refused  # the browser hides the answer: a network error
+                # The stream fails the same way; the client backs off and tries again.
+                with_deadline(elsewhere, lambda: len(attempts) >= 2)
+                assert elsewhere.evaluate("window.latest") is None
+            finally:
+                for page in pages.values():
+                    page.context.close()

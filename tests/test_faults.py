@@ -35,6 +35,8 @@ from tests.service_support import (
 from tests.workload import Workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+#: these tests hold thousands of streams from one loopback address
+ONE_ADDRESS = {"REPLICATOR_MAX_STREAMS_PER_ADDRESS": "100000"}
 
 
 async def next_status(stream: EventReader, live: bool, timeout: float = 60) -> None:
@@ -152,7 +154,7 @@ def open_idle_streams(url: str, tokens: list[str], count: int) -> list[socket.so
 async def test_sigterm_under_load_exits_promptly_and_drops_the_slot(database: Database) -> None:
     workload = Workload(seed=404, users=40)
     service = start_service(
-        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "100"}
+        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "100", **ONE_ADDRESS}
     )
     tokens = [service.token(u) for u in workload.people]
     socks = open_idle_streams(service.url, tokens, 2000)
@@ -369,7 +371,7 @@ async def test_unexpected_row_values_count_for_nobody(database: Database) -> Non
 async def test_idle_clients_that_never_read_leak_nothing(database: Database) -> None:
     workload = Workload(seed=412, users=50)
     with running_service(
-        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "100"}
+        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "100", **ONE_ADDRESS}
     ) as service:
         await workload.run(database.dsn, 10)
         baseline = service.metrics()
@@ -404,7 +406,7 @@ async def test_idle_clients_that_never_read_leak_nothing(database: Database) -> 
 async def test_connect_disconnect_storm_leaks_nothing(database: Database) -> None:
     workload = Workload(seed=413, users=100)
     with running_service(
-        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "1000"}
+        database.dsn, database.slot, env={"REPLICATOR_MAX_STREAMS_PER_USER": "1000", **ONE_ADDRESS}
     ) as service:
         baseline = service.metrics()
         tokens = [service.token(u) for u in workload.people]

@@ -11,8 +11,10 @@ import pytest
 from replicator.badges.state import BadgeState
 from replicator.fanout.hub import (
     HEARTBEAT,
+    REAUTHENTICATE,
     HeartbeatWheel,
     Hub,
+    LimitExceeded,
     Subscriber,
     badges_payload,
     encode_badges_event,
@@ -154,3 +156,69 @@ async def test_notify_wakes_the_waiting_stream_and_close_ends_it() -> None:
     assert sub.closed
     hub.unsubscribe(sub)
     assert hub.connected == 0 and hub.users_connected == 0
+
+
+def test_wheel_ends_a_stream_at_its_token_expiry() -> None:
+    wheel = HeartbeatWheel(15.0)
+    sub, forever = Subscriber("u", expires_at=100.0), Subscriber("v")
+    for s in (sub, forever):
+        wheel.add(s, now=0.0)
+        s.last_sent = 99.0  # recently written: no heartbeat due
+    for _ in wheel.slots:
+        wheel.turn(now=99.5)
+    assert not sub.expired and sub.take() is None
+    sub.badges = b"pending"
+    for _ in wheel.slots:
+        wheel.turn(now=100.0)
+    # It replaces what was pending: the client reconnects for the whole state.
+    assert sub.take() == REAUTHENTICATE
+    assert sub.closed and sub.take() is None
+    assert forever.take() is None and not forever.closed
+    event = REAUTHENTICATE.decode()
+    assert event == 'event: reauthenticate\ndata: {"reason":"token expired"}\n\n'
+
+
+def test_shares_per_user_address_anonymous_and_the_reserve() -> None:
+    hub = Hub(
+        BadgeState, max_per_user=2, max_per_address=3, max_anonymous=1, max_total=8, reserved=2
+    )
+
+    def refused(user: str, **kwargs: object) -> LimitExceeded:
+        with pytest.raises(LimitExceeded) as caught:
+            hub.subscribe(user, **kwargs)  # type: ignore[arg-type]
+        return caught.value
+
+    a1, a2 = hub.subscribe("a", address="1.1.1.1"), hub.subscribe("a", address="1.1.1.1")
+    too_many = refused("a", address="2.2.2.2")
+    assert (too_many.status_code, too_many.reason, too_many.retry_after) == (429, "user", 10)
+    hub.subscribe("b", address="1.1.1.1")
+    crowded = refused("c", address="1.1.1.1")
+    assert (crowded.status_code, crowded.reason) == (429, "address")
+    hub.subscribe("anon-1", address="3.3.3.3", anonymous=True)
+    anonymous = refused("anon-2", address="4.4.4.4", anonymous=True)
+    assert (anonymous.status_code, anonymous.reason) == (503, "anonymous")
+    assert 5 <= anonymous.retry_after <= 15
+    hub.subscribe("d", address="5.5.5.5")
+    hub.subscribe("e", address="6.6.6.6")  # 6 open: the last 2 places are reserved
+    reserve = refused("f", address="7.7.7.7")
+    assert (reserve.status_code, reserve.reason) == (503, "reserve")
+    hub.subscribe("d", address="5.5.5.5")  # a connected user is served
+    hub.unsubscribe(a1)
+    hub.unsubscribe(a2)
+    hub.subscribe("g", address="10.0.0.1")  # 6 open again
+    hub.subscribe("a", address="8.8.8.8")  # "a" left a moment ago: its reconnect is served
+    assert refused("h", address="10.0.0.2").reason == "reserve"
+    hub.subscribe("b", address="1.1.1.1")
+    full = refused("e", address="9.9.9.9")
+    assert (full.status_code, full.reason) == (503, "capacity")
+    assert hub.connected == 8 and hub.anonymous == 1
+    hub.close()
+    assert refused("a").reason == "shutdown"
+    assert hub.stats.refused == {
+        "user": 1,
+        "address": 1,
+        "anonymous": 1,
+        "reserve": 2,
+        "capacity": 1,
+        "shutdown": 1,
+    }

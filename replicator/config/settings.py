@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from replicator.errors import ConfigError
 
@@ -34,6 +36,18 @@ class Settings:
     send_timeout_s: float = 30.0
     demo_traffic: bool | None = None
     log_level: str = "INFO"
+    jwks_url: str | None = None
+    jwks_refresh_s: float = 300.0
+    jwt_issuer: tuple[str, ...] = ()
+    jwt_user_claim: str = "sub"
+    admin_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    max_streams_per_address: int = 200
+    #: None: a tenth of max_streams
+    max_anonymous_streams: int | None = None
+    #: None: a twentieth of max_streams
+    reserved_streams: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -60,7 +74,28 @@ ENV: dict[str, str] = {
     "send_timeout_s": "REPLICATOR_SEND_TIMEOUT_S",
     "demo_traffic": "REPLICATOR_DEMO_TRAFFIC",
     "log_level": "REPLICATOR_LOG_LEVEL",
+    "jwks_url": "REPLICATOR_JWKS_URL",
+    "jwks_refresh_s": "REPLICATOR_JWKS_REFRESH_S",
+    "jwt_issuer": "REPLICATOR_JWT_ISSUER",
+    "jwt_user_claim": "REPLICATOR_JWT_USER_CLAIM",
+    "admin_token": "REPLICATOR_ADMIN_TOKEN",
+    "cors_origins": "REPLICATOR_CORS_ORIGINS",
+    "trusted_proxies": "REPLICATOR_TRUSTED_PROXIES",
+    "max_streams_per_address": "REPLICATOR_MAX_STREAMS_PER_ADDRESS",
+    "max_anonymous_streams": "REPLICATOR_MAX_ANONYMOUS_STREAMS",
+    "reserved_streams": "REPLICATOR_RESERVED_STREAMS",
 }
+
+#: shorter HS256 secrets are refused: RFC 7518 asks for a key at least as long as the hash
+MIN_SECRET_BYTES = 32
+#: secrets published in examples and templates: anyone could sign tokens with them
+KNOWN_SECRETS = frozenset(
+    {
+        "super-secret-jwt-token-with-at-least-32-characters-long",
+        "your-super-secret-jwt-token-with-at-least-32-characters-long",
+    }
+)
+_PLACEHOLDER = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]?secret|placeholder", re.I)
 
 
 def _bool(name: str, text: str) -> bool:
@@ -92,8 +127,106 @@ def _float(name: str, text: str, low: float, high: float) -> float:
     return value
 
 
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _secret(name: str, text: str) -> str | None:
+    """An HS256 secret that is real: long enough, not a published placeholder, not a key."""
+    if not text:
+        return None
+    if "-----BEGIN" in text:
+        raise ConfigError(
+            f"{name} holds a PEM key, not an HS256 secret; put a public key in"
+            " REPLICATOR_JWT_PUBLIC_KEY (or its JWKS URL in REPLICATOR_JWKS_URL)"
+        )
+    if text.lstrip().startswith("{"):
+        raise ConfigError(
+            f"{name} holds a JSON key, not an HS256 secret; put the JWKS URL in REPLICATOR_JWKS_URL"
+        )
+    if text in KNOWN_SECRETS or _PLACEHOLDER.search(text):
+        raise ConfigError(
+            f"{name}={text!r} is a placeholder that anyone can sign tokens with; set the"
+            " secret your auth server signs with (Supabase: the project's JWT secret)"
+        )
+    size = len(text.encode())
+    if size < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{name} is {size} bytes; an HS256 secret needs at least {MIN_SECRET_BYTES}"
+            " (use the one your auth server signs with, or: openssl rand -base64 32)"
+        )
+    return text
+
+
+def _http_url(name: str, text: str) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}={text!r} is not an http(s) URL")
+    return text
+
+
+def _origins(name: str, text: str) -> tuple[str, ...]:
+    """Origins as browsers send them (``scheme://host[:port]``, lower case), or ``*``."""
+    found: list[str] = []
+    for item in _items(text):
+        if item == "*":
+            found.append(item)
+            continue
+        parts = urlsplit(item.removesuffix("/"))
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            raise ConfigError(
+                f"{name} entry {item!r} is not an origin; use scheme://host[:port]"
+                " (like https://app.example.com) or *"
+            )
+        found.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(found)
+
+
+def _networks(name: str, text: str) -> tuple[str, ...]:
+    found: list[str] = []
+    for item in _items(text):
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{name} entry {item!r} is not an IP address or network (like 10.0.0.0/8)"
+            ) from None
+    return tuple(found)
+
+
 def _parse(key: str, text: str) -> Any:
     name = ENV[key]
+    if key == "jwt_secret":
+        return _secret(name, text)
+    if key in ("jwks_url",):
+        return _http_url(name, text)
+    if key == "jwks_refresh_s":
+        return _float(name, text, 10, 86400)
+    if key == "jwt_issuer":
+        return tuple(_items(text))
+    if key == "jwt_user_claim":
+        if not text.strip() or len(text) > 256:
+            raise ConfigError(f"{name}={text!r} is not a claim name (like sub or app_metadata.id)")
+        return text.strip()
+    if key == "cors_origins":
+        return _origins(name, text)
+    if key == "trusted_proxies":
+        return _networks(name, text)
+    if key in ("admin_token", "jwt_public_key"):
+        return text or None
+    if key == "max_streams_per_address":
+        return _int(name, text, 1, 1_000_000)
+    if key in ("max_anonymous_streams", "reserved_streams"):
+        return _int(name, text, 0, 1_000_000)
     if key == "port":
         return _int(name, text, 0, 65535)
     if key in ("max_streams_per_user", "max_streams"):
@@ -152,8 +285,31 @@ def load_settings(
 
 def require_jwt_key(settings: Settings) -> None:
     """Outside the embedded default, tokens need a key to be checked against."""
-    if not settings.embedded and not settings.jwt_secret and not settings.jwt_public_key:
+    if (
+        not settings.embedded
+        and not settings.jwt_secret
+        and not settings.jwt_public_key
+        and not settings.jwks_url
+    ):
         raise ConfigError(
-            "REPLICATOR_JWT_SECRET is not set; it is required with DATABASE_URL"
-            " (use the HS256 secret your auth server signs tokens with)"
+            "REPLICATOR_JWT_SECRET is not set; with DATABASE_URL, set it to the HS256 secret"
+            " your auth server signs tokens with, or set REPLICATOR_JWKS_URL or"
+            " REPLICATOR_JWT_PUBLIC_KEY"
         )
+    if settings.reserved_streams is not None and settings.reserved_streams >= settings.max_streams:
+        raise ConfigError(
+            f"REPLICATOR_RESERVED_STREAMS={settings.reserved_streams!r} leaves no room under"
+            f" REPLICATOR_MAX_STREAMS={settings.max_streams!r}; use a smaller number"
+        )
+
+
+def anonymous_limit(settings: Settings) -> int:
+    if settings.max_anonymous_streams is not None:
+        return settings.max_anonymous_streams
+    return max(1, settings.max_streams // 10)
+
+
+def reserved_limit(settings: Settings) -> int:
+    if settings.reserved_streams is not None:
+        return settings.reserved_streams
+    return settings.max_streams // 20

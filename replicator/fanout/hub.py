@@ -8,7 +8,12 @@ Heartbeats come from one wheel per interval rather than a timer per stream: each
 in one of the wheel's slots, and each tick looks at one slot's streams and flags a heartbeat
 for those that have been quiet too long. With ten thousand idle streams that is a few
 comparisons per tick instead of ten thousand timers to arm, cancel and collect; first beats
-are placed at random, so streams opened together never beat together.
+are placed at random, so streams opened together never beat together. The same look ends a
+stream whose token has expired, so expiry costs a stream one number, not a timer.
+
+Shares: limits per user, per client address and for anonymous sign-ins keep one party from
+taking every stream, and the last ``reserved`` places under the cap go only to users who
+are connected or were a moment ago, so their reconnects are served when the cap is near.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from sse_starlette import ServerSentEvent
@@ -30,18 +37,28 @@ from replicator.pg.lsn import format_lsn
 logger = logging.getLogger(__name__)
 
 HEARTBEAT: bytes = ServerSentEvent(comment="keep-alive", sep="\n").encode()
+#: the last event of a stream whose token has expired
+REAUTHENTICATE: bytes = ServerSentEvent(
+    '{"reason":"token expired"}', event="reauthenticate", sep="\n"
+).encode()
 #: how often per heartbeat interval the wheel looks at each stream
 VISITS = 16
 #: longest wheel tick
 MAX_TICK_S = 0.25
+#: a user whose last stream closed this recently still counts as connected for the reserve
+REJOIN_S = 120.0
+#: why a stream was refused (the label of replicator_streams_refused_total)
+REFUSALS = ("user", "address", "anonymous", "reserve", "capacity", "shutdown")
 
 
 class LimitExceeded(Exception):
     """A new stream would exceed a configured limit; the message is safe to show."""
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, reason: str, retry_after: int) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 def badges_payload(user: str, state: BadgeState) -> dict[str, object]:
@@ -76,9 +93,13 @@ class Subscriber:
     __slots__ = (
         "_waiter",
         "aborted",
+        "address",
+        "anonymous",
         "badges",
         "beat_slot",
         "closed",
+        "expired",
+        "expires_at",
         "heartbeat",
         "last_sent",
         "send_deadline",
@@ -87,8 +108,20 @@ class Subscriber:
         "user",
     )
 
-    def __init__(self, user: str) -> None:
+    def __init__(
+        self,
+        user: str,
+        *,
+        address: str | None = None,
+        anonymous: bool = False,
+        expires_at: float = math.inf,
+    ) -> None:
         self.user = user
+        self.address = address
+        self.anonymous = anonymous
+        #: monotonic time at which the token ends the stream
+        self.expires_at = expires_at
+        self.expired = False
         self.badges: bytes | None = None
         self.status: bytes | None = None
         self.heartbeat = False
@@ -127,8 +160,19 @@ class Subscriber:
         if self.task is not None:
             self.task.cancel()
 
+    def expire(self) -> None:
+        """The token has expired: say so, then end the stream."""
+        self.expired = True
+        self.notify()
+
     def take(self) -> bytes | None:
         """What to write next: pending events, else a due heartbeat, else nothing."""
+        if self.expired:
+            # Nothing pending is lost: the client gets the whole state when it reconnects.
+            self.expired = self.heartbeat = False
+            self.closed = True
+            self.badges = self.status = None
+            return REAUTHENTICATE
         status, badges = self.status, self.badges
         if badges is not None:
             self.status = self.badges = None
@@ -177,6 +221,9 @@ class HeartbeatWheel:
             if sub.send_deadline and now > sub.send_deadline:
                 logger.info("dropping a stream of %s: the client stopped reading", sub.user)
                 sub.abort()
+            elif now >= sub.expires_at:
+                if not sub.closed:
+                    sub.expire()
             elif sub.last_sent <= quiet_since:
                 sub.heartbeat = True
                 sub.notify()
@@ -188,6 +235,8 @@ class HubStats:
     events_sent: int = 0
     streams_opened: int = 0
     streams_closed: int = 0
+    #: refusals by reason (REFUSALS)
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 class Hub:
@@ -199,11 +248,21 @@ class Hub:
         *,
         max_per_user: int = 10,
         max_total: int = 20_000,
+        max_per_address: int = 1_000_000,
+        max_anonymous: int = 1_000_000,
+        reserved: int = 0,
     ) -> None:
         self._state = state
         self.max_per_user = max_per_user
         self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.max_anonymous = max_anonymous
+        self.reserved = reserved
         self._by_user: dict[str, set[Subscriber]] = {}
+        self._by_address: dict[str, int] = {}
+        self.anonymous = 0
+        #: users whose last stream closed lately -> when, oldest first
+        self._left: dict[str, float] = {}
         self._wheels: dict[float, HeartbeatWheel] = {}
         self._count = 0
         self._closed = False
@@ -225,23 +284,79 @@ class Hub:
         """Streams in the middle of a write: their clients are not reading (fast enough)."""
         return sum(1 for subs in self._by_user.values() for s in subs if s.send_deadline)
 
-    def subscribe(self, user: str) -> Subscriber:
-        if self._closed:
-            raise LimitExceeded("the service is shutting down", 503)
+    def subscribe(
+        self,
+        user: str,
+        *,
+        address: str | None = None,
+        anonymous: bool = False,
+        expires: float = math.inf,
+    ) -> Subscriber:
+        """A new stream for ``user`` (from ``address``), ending at ``expires`` (epoch s)."""
         subs = self._by_user.get(user)
-        if subs is not None and len(subs) >= self.max_per_user:
-            raise LimitExceeded(
-                f"too many open streams for this user (limit {self.max_per_user})", 429
-            )
-        if self._count >= self.max_total:
-            raise LimitExceeded(f"too many open streams (limit {self.max_total})", 503)
+        self._admit(user, subs, address, anonymous)
         if subs is None:
             subs = self._by_user[user] = set()
-        sub = Subscriber(user)
+        expires_at = time.monotonic() + (expires - time.time()) if expires < math.inf else expires
+        sub = Subscriber(user, address=address, anonymous=anonymous, expires_at=expires_at)
         subs.add(sub)
         self._count += 1
+        if address is not None:
+            self._by_address[address] = self._by_address.get(address, 0) + 1
+        if anonymous:
+            self.anonymous += 1
         self.stats.streams_opened += 1
         return sub
+
+    def _refuse(self, reason: str, message: str, status: int = 503) -> LimitExceeded:
+        self.stats.refused[reason] += 1
+        # Spread the retries of a refused crowd.
+        retry = random.randint(5, 15) if status == 503 else 10
+        return LimitExceeded(message, status, reason, 1 if reason == "shutdown" else retry)
+
+    def _admit(
+        self, user: str, subs: set[Subscriber] | None, address: str | None, anonymous: bool
+    ) -> None:
+        refuse = self._refuse
+        if self._closed:
+            raise refuse("shutdown", "the service is shutting down")
+        if subs is not None and len(subs) >= self.max_per_user:
+            raise refuse(
+                "user", f"too many open streams for this user (limit {self.max_per_user})", 429
+            )
+        if address is not None and self._by_address.get(address, 0) >= self.max_per_address:
+            raise refuse(
+                "address",
+                f"too many open streams from this address (limit {self.max_per_address})",
+                429,
+            )
+        if anonymous and self.anonymous >= self.max_anonymous:
+            raise refuse(
+                "anonymous", f"too many streams of anonymous users (limit {self.max_anonymous})"
+            )
+        if self._count >= self.max_total:
+            raise refuse("capacity", f"too many open streams (limit {self.max_total})")
+        if self._count >= self.max_total - self.reserved and not self._known(user, subs):
+            raise refuse(
+                "reserve",
+                f"the service is near its limit of {self.max_total} streams; the rest is"
+                " kept for users already connected",
+            )
+
+    def _known(self, user: str, subs: set[Subscriber] | None) -> bool:
+        """Connected now, or a moment ago (a reconnect)."""
+        if subs:
+            return True
+        self._forget_left(time.monotonic())
+        return user in self._left
+
+    def _forget_left(self, now: float) -> None:
+        left, cutoff = self._left, now - REJOIN_S
+        while left:
+            oldest = next(iter(left))
+            if left[oldest] > cutoff:
+                break
+            del left[oldest]
 
     def beat(self, sub: Subscriber, interval: float) -> None:
         """Flag ``sub`` for a heartbeat at least every ``interval`` seconds (``run`` does it)."""
@@ -261,6 +376,18 @@ class Hub:
         subs.discard(sub)
         if not subs:
             del self._by_user[sub.user]
+            now = time.monotonic()
+            self._left.pop(sub.user, None)
+            self._left[sub.user] = now
+            self._forget_left(now)
+        if sub.address is not None:
+            left = self._by_address[sub.address] - 1
+            if left:
+                self._by_address[sub.address] = left
+            else:
+                del self._by_address[sub.address]
+        if sub.anonymous:
+            self.anonymous -= 1
         self._count -= 1
         self.stats.streams_closed += 1
 

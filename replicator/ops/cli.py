@@ -20,7 +20,8 @@ _HELP = {
     "port": "port to listen on (default 8080; 0 picks a free one)",
     "jwt_secret": "HS256 secret that signs user tokens",
     "jwt_public_key": "PEM public key (or a path to one) for RS256/ES256 tokens",
-    "jwt_audience": "required token audience (default authenticated)",
+    "jwt_audience": "accepted token audiences, comma-separated; empty: not checked"
+    " (default authenticated)",
     "slot": "replication slot name (default replicator)",
     "publication": "publication name (default badges)",
     "schema": "schema of a badge table named without one (default public)",
@@ -34,19 +35,41 @@ _HELP = {
     " stream is closed (default 30)",
     "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
     "log_level": "debug, info, warning or error (default info)",
+    "jwks_url": "JWKS URL of your identity provider (Supabase signing keys, Auth0, Clerk,"
+    " Keycloak)",
+    "jwks_refresh_s": "seconds between JWKS refreshes (default 300)",
+    "jwt_issuer": "accepted token issuers (iss), comma-separated (default: not checked)",
+    "jwt_user_claim": "claim holding the user id; a dotted path reaches nested claims"
+    " (default sub)",
+    "admin_token": "a service_role token to use instead of signing one",
+    "cors_origins": "origins whose pages may call the API, comma-separated, or * (header and"
+    " query tokens only)",
+    "trusted_proxies": "proxies (addresses or networks) whose X-Forwarded-For names the client",
+    "max_streams_per_address": "open streams allowed per client address (default 200)",
+    "max_anonymous_streams": "open streams allowed for anonymous users in all"
+    " (default a tenth of --max-streams)",
+    "reserved_streams": "places under --max-streams kept for users already connected"
+    " (default a twentieth)",
 }
+#: extra spellings of a flag
+_ALIASES = {"admin_token": ["--token"]}
 
 
 def _add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
     for key in keys:
         flag = "--" + key.replace("_", "-")
         parser.add_argument(
-            flag, dest=key, default=None, metavar=ENV[key], help=f"{_HELP[key]} [env {ENV[key]}]"
+            *_ALIASES.get(key, []),
+            flag,
+            dest=key,
+            default=None,
+            metavar=ENV[key],
+            help=f"{_HELP[key]} [env {ENV[key]}]",
         )
 
 
 _CONNECTION = ("database_url", "slot", "publication", "schema", "badges", "log_level")
-_SERVE = tuple(ENV)
+_SERVE = tuple(key for key in ENV if key != "admin_token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     verify = sub.add_parser("verify", help="compare a running service's counts with the database")
-    _add_settings(verify, (*_CONNECTION, "data_dir", "jwt_secret", "jwt_audience"))
+    _add_settings(verify, (*_CONNECTION, "data_dir", "jwt_secret", "jwt_audience", "admin_token"))
     verify.add_argument(
         "--url",
         default="http://127.0.0.1:8080",

@@ -25,7 +25,10 @@ def signing_secret(settings: Settings) -> str:
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         return jwt_secret_in(settings.data_dir)
-    raise ConfigError("REPLICATOR_JWT_SECRET is not set; it is needed to sign a token")
+    raise ConfigError(
+        "REPLICATOR_JWT_SECRET is not set; it is needed to sign a token (verify can use a"
+        " service_role token from your auth server instead: --token or REPLICATOR_ADMIN_TOKEN)"
+    )
 
 
 def run_token(settings: Settings, user_id: str, *, ttl: int, admin: bool) -> int:

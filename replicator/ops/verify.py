@@ -147,7 +147,8 @@ class ServiceClient:
         if status == 401:
             return ReplicatorError(
                 f"the service at {self.url} refused the token ({message});"
-                " set REPLICATOR_JWT_SECRET (and REPLICATOR_JWT_AUDIENCE) to what the service uses"
+                " set REPLICATOR_JWT_SECRET (and REPLICATOR_JWT_AUDIENCE) to what the service uses,"
+                " or REPLICATOR_ADMIN_TOKEN to a service_role token it accepts"
             )
         if status == 403:
             return ReplicatorError(
@@ -157,9 +158,10 @@ class ServiceClient:
 
     def check_access(self) -> None:
         """Fail now on an unreachable service or a token it does not accept."""
-        status, body = self._get("/v1/badges", auth=True)
+        # The admin route: a service_role key need not name a user (Supabase's does not).
+        status, body = self._get("/v1/admin/badges", auth=True)
         if status != 200:
-            raise self._refused(status, body, "/v1/badges")
+            raise self._refused(status, body, "/v1/admin/badges")
 
     def wait_applied(self, lsn: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -326,7 +328,7 @@ def describe(outcome: Outcome, url: str) -> list[str]:
 
 def run_verify(settings: Settings, url: str, out: TextIO = sys.stdout) -> int:
     """Print every difference; 0 when there is none, 1 otherwise."""
-    token = mint_token(
+    token = settings.admin_token or mint_token(
         signing_secret(settings),
         VERIFY_USER,
         ttl=3600,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import socket
 import sys
@@ -16,32 +15,24 @@ import uvicorn
 from starlette.applications import Starlette
 
 from replicator.badges import spec as badge_spec
-from replicator.config.settings import Settings, require_jwt_key
+from replicator.config.settings import (
+    Settings,
+    anonymous_limit,
+    require_jwt_key,
+    reserved_limit,
+)
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.fanout.hub import Hub
 from replicator.pipeline.consumer import Consumer, ConsumerOptions, log_progress
 from replicator.runtime.collector import FreezingCollector
 from replicator.runtime.embedded import embedded_database
+from replicator.runtime.redact import RedactTokens
 from replicator.web.app import BadgeApp
-from replicator.web.auth import TokenVerifier, mint_token
+from replicator.web.auth import mint_token, verifier_for
+from replicator.web.cors import CorsPolicy
+from replicator.web.tickets import Tickets
 
 logger = logging.getLogger(__name__)
-
-
-class RedactTokens(logging.Filter):
-    """Keeps tokens out of access logs: ``access_token=...`` becomes ``access_token=[redacted]``."""
-
-    _pattern = re.compile(r"(access_token=)[^&\s\"]*", re.IGNORECASE)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self._pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
-            )
-        if isinstance(record.msg, str) and "access_token=" in record.msg:
-            record.msg = self._pattern.sub(r"\1[redacted]", record.msg)
-        return True
 
 
 class _Server(uvicorn.Server):
@@ -75,6 +66,9 @@ class Service:
             lambda: self.consumer.state,
             max_per_user=settings.max_streams_per_user,
             max_total=settings.max_streams,
+            max_per_address=settings.max_streams_per_address,
+            max_anonymous=anonymous_limit(settings),
+            reserved=reserved_limit(settings),
         )
         self.consumer = Consumer(
             ConsumerOptions(
@@ -88,18 +82,16 @@ class Service:
             on_commit=self.hub.publish,
             on_live=self._on_live,
         )
-        verifier = TokenVerifier(
-            secret=jwt_secret,
-            public_key=settings.jwt_public_key,
-            audience=settings.jwt_audience,
-        )
+        self.verifier = verifier_for(settings, jwt_secret)
         self.web = BadgeApp(
             self.consumer.view,
             self.hub,
-            verifier,
+            self.verifier,
             heartbeat=settings.heartbeat_s,
             send_timeout=settings.send_timeout_s,
             lifespan=self.lifespan,
+            tickets=Tickets(jwt_secret),
+            cors=CorsPolicy(settings.cors_origins),
         )
         self.server: uvicorn.Server | None = None
         self.exit_code = 0
@@ -140,6 +132,8 @@ class Service:
             tg.start_soon(log_progress, self.consumer)
             tg.start_soon(self.hub.run)
             tg.start_soon(self.collector.run)
+            if self.verifier.jwks is not None:
+                tg.start_soon(self.verifier.jwks.run)
             if self.demo_traffic:
                 from replicator.ops.demo import run_demo_traffic
 
@@ -164,6 +158,10 @@ class Service:
             # size of a request head (above), and uvloop already took most of the per-write
             # cost that httptools would save.
             "http": "h11",
+            # The client address (per-address stream limits, access log) comes from
+            # X-Forwarded-For only when the peer is one of these.
+            "proxy_headers": bool(self.settings.trusted_proxies),
+            "forwarded_allow_ips": list(self.settings.trusted_proxies),
         }
         options.update(overrides)
         return uvicorn.Config(self.app, **options)

@@ -1,7 +1,8 @@
-"""The Starlette app: badge stream and snapshot, health, metrics, the demo page and client."""
+"""The Starlette app: badge stream, snapshot and tickets, health, metrics, demo page, client."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -17,8 +19,10 @@ from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_sta
 from replicator.ops.demo import CONTACTS
 from replicator.pg.lsn import format_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
+from replicator.web.cors import CorsMiddleware, CorsPolicy
 from replicator.web.metrics import registry_for, render
 from replicator.web.stream import BadgeStreamResponse
+from replicator.web.tickets import Tickets
 
 if TYPE_CHECKING:
     from replicator.pipeline.consumer import ConsumerView
@@ -42,21 +46,52 @@ def unauthorized(message: str) -> JSONResponse:
     )
 
 
-def token_from(request: Request) -> str:
-    """The bearer token from the Authorization header, the query string or the cookie."""
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("Authorization header is not 'Bearer <token>'")
-        return token.strip()
-    found = request.query_params.get("access_token") or request.cookies.get("access_token")
-    if not found:
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("Authorization header is not 'Bearer <token>'")
+    return token.strip()
+
+
+def token_from(request: Request, cors: CorsPolicy) -> str:
+    """The bearer token from the Authorization header, the query string or the cookie."""
+    found = bearer_token(request) or request.query_params.get("access_token")
+    if found:
+        return found
+    cookie = request.cookies.get("access_token")
+    if cookie:
+        origin = request.headers.get("origin")
+        if origin is None or cors.allows_cookie(origin, request.headers.get("host")):
+            return cookie
         raise AuthError(
-            "missing token: send Authorization: Bearer <token>, ?access_token= or"
-            " the access_token cookie"
+            f"the access_token cookie is not accepted from origin {origin[:200]!r}"
+            " (not in REPLICATOR_CORS_ORIGINS); send Authorization: Bearer <token>"
         )
-    return found
+    raise AuthError(
+        "missing token: send Authorization: Bearer <token>, ?access_token=, ?ticket= or"
+        " the access_token cookie"
+    )
+
+
+def client_address(request: Request) -> str | None:
+    """Whose share a stream counts against: the client's IP address, or its IPv6 /64 (one
+    host usually holds a whole /64). Behind REPLICATOR_TRUSTED_PROXIES, uvicorn has already
+    put the address from X-Forwarded-For here."""
+    if request.client is None:
+        return None
+    host = request.client.host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
 
 
 class BadgeApp:
@@ -71,17 +106,22 @@ class BadgeApp:
         heartbeat: float = 15.0,
         send_timeout: float = 30.0,
         lifespan: Callable[[Starlette], Any] | None = None,
+        tickets: Tickets | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.consumer = consumer
         self.hub = hub
         self.verifier = verifier
+        self.tickets = tickets or Tickets()
+        self.cors = cors or CorsPolicy(())
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.registry = registry_for(consumer, hub)
         routes = [
-            Route("/v1/badges/stream", self._guard(self.stream), methods=["GET"]),
+            Route("/v1/badges/stream", self._guard(self.stream, "stream"), methods=["GET"]),
             Route("/v1/badges", self._guard(self.badges), methods=["GET"]),
-            Route("/v1/admin/badges", self._guard(self.all_badges), methods=["GET"]),
+            Route("/v1/badges/ticket", self._guard(self.ticket, "ticket"), methods=["POST"]),
+            Route("/v1/admin/badges", self._guard(self.all_badges, "admin"), methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -89,27 +129,57 @@ class BadgeApp:
             Route("/badges.js", self.client_js, methods=["GET"]),
             Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, lifespan=lifespan)
+        self.app = Starlette(
+            routes=routes,
+            lifespan=lifespan,
+            middleware=[Middleware(CorsMiddleware, policy=self.cors)],
+        )
 
     def _guard(
-        self, handler: Callable[[Request, Identity], Awaitable[Response]]
+        self, handler: Callable[[Request, Identity], Awaitable[Response]], kind: str = "user"
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if len(request.url.query) > MAX_QUERY_LENGTH:
                 return error(414, "uri_too_long", f"query string over {MAX_QUERY_LENGTH} bytes")
             try:
-                identity = self.verifier.verify(token_from(request))
+                identity = await self._identify(request, kind)
             except AuthError as exc:
                 return unauthorized(str(exc))
             return await handler(request, identity)
 
         return endpoint
 
+    async def _identify(self, request: Request, kind: str) -> Identity:
+        if kind == "admin":
+            return await self.verifier.verify_admin(token_from(request, self.cors))
+        if kind == "ticket":
+            # Its point is to keep the token out of URLs, and a cookie could be sent by a
+            # page the user did not mean to trust.
+            token = bearer_token(request)
+            if token is None:
+                raise AuthError("send the token as Authorization: Bearer <token>")
+            return await self.verifier.verify(token)
+        if kind == "stream":
+            ticket = request.query_params.get("ticket")
+            if ticket is not None:
+                return self.tickets.redeem(ticket)
+        return await self.verifier.verify(token_from(request, self.cors))
+
     async def stream(self, request: Request, identity: Identity) -> Response:
         try:
-            sub = self.hub.subscribe(identity.user_id)
+            sub = self.hub.subscribe(
+                identity.user_id,
+                address=client_address(request),
+                anonymous=identity.anonymous,
+                expires=identity.expires,
+            )
         except LimitExceeded as exc:
-            return error(exc.status_code, "too_many_streams", str(exc))
+            return error(
+                exc.status_code,
+                "too_many_streams",
+                str(exc),
+                **{"Retry-After": str(exc.retry_after)},
+            )
         first = self.hub.current_event(identity.user_id)
         if not self.consumer.live:
             # Counts shown before the stream is up may be stale: say so from the start.
@@ -124,6 +194,16 @@ class BadgeApp:
     async def badges(self, request: Request, identity: Identity) -> Response:
         payload = badges_payload(identity.user_id, self.hub.state)
         return JSONResponse(payload, headers={"Cache-Control": "no-store"})
+
+    async def ticket(self, request: Request, identity: Identity) -> Response:
+        """A single-use ticket for one stream URL (``?ticket=``), in place of the token."""
+        try:
+            ticket, expires_in = self.tickets.issue(identity)
+        except AuthError as exc:
+            return unauthorized(str(exc))
+        return JSONResponse(
+            {"ticket": ticket, "expires_in": expires_in}, headers={"Cache-Control": "no-store"}
+        )
 
     async def all_badges(self, request: Request, identity: Identity) -> Response:
         if not identity.admin:

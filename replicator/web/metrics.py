@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from replicator.fanout.hub import REFUSALS
+
 if TYPE_CHECKING:
     from replicator.fanout.hub import Hub
     from replicator.pipeline.consumer import ConsumerView
@@ -83,6 +85,17 @@ class ReplicatorCollector(Collector):
         )
         yield CounterMetricFamily(
             "replicator_streams_closed", "SSE streams closed", h.stats.streams_closed
+        )
+        refused = CounterMetricFamily(
+            "replicator_streams_refused",
+            "streams refused by a limit (429/503), by the limit's reason",
+            labels=["reason"],
+        )
+        for reason in REFUSALS:
+            refused.add_metric([reason], h.stats.refused[reason])
+        yield refused
+        yield GaugeMetricFamily(
+            "replicator_streams_anonymous", "open streams of anonymous users", h.anonymous
         )
 
 

@@ -3,9 +3,9 @@
 What an idle stream costs is what it keeps while suspended, times ten thousand. So a stream
 is the request's own task waiting on one future, plus one small task that waits for the
 client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
-heartbeat wheel flags heartbeats, and also drops a stream whose send has overstayed
-``send_timeout`` (the client stopped reading) the next time it looks at the stream, which
-is at most a sixteenth of the heartbeat interval later.
+heartbeat wheel flags heartbeats, drops a stream whose send has overstayed ``send_timeout``
+(the client stopped reading), and ends one whose token has expired, each the next time it
+looks at the stream, which is at most a sixteenth of the heartbeat interval later.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from replicator.fanout.hub import HEARTBEAT, Hub, Subscriber
+from replicator.fanout.hub import HEARTBEAT, REAUTHENTICATE, Hub, Subscriber
 
 RETRY_MS = 2000
 #: sent ahead of the first event, inside its block
@@ -43,8 +43,9 @@ async def until_disconnect(receive: Receive) -> None:
 class BadgeStreamResponse(Response):
     """``text/event-stream`` of the user's state: all of it at once, then each newer state.
 
-    Ends when the client hangs up, when the hub closes the stream (shutdown), or when a send
-    has not completed within ``send_timeout`` seconds.
+    Ends when the client hangs up, when the hub closes the stream (shutdown), when a send
+    has not completed within ``send_timeout`` seconds, or after ``reauthenticate`` when the
+    token expires.
     """
 
     media_type = "text/event-stream"
@@ -118,4 +119,6 @@ class BadgeStreamResponse(Response):
             sub.last_sent = now
             if data is not HEARTBEAT:
                 stats.events_sent += 1
+                if data is REAUTHENTICATE:
+                    break
         await send(END)

@@ -11,6 +11,12 @@
  *   badges.state    // the last `badges` event's data, null before the first
  *   badges.status   // {connected, live, lagMs, error}
  *   badges.close();
+ *
+ * The token never goes into a URL: each connect trades it (Authorization header) for a
+ * single-use ticket from POST /v1/badges/ticket, and the stream URL carries the ticket. When
+ * the token expires the service ends the stream with `reauthenticate`: a token function is
+ * asked for a fresh token and the client reconnects at once; a fixed token stops the client
+ * with error "token expired".
  */
 (function () {
   "use strict";
@@ -43,19 +49,53 @@
       this._source = null;
     }
 
-    async _url() {
-      const base = globalThis.location ? globalThis.location.href : undefined;
-      const url = new URL(this.options.url, base);
+    async _token() {
       let token = this.options.token;
       if (typeof token === "function") token = await token();
-      if (token) url.searchParams.set("access_token", token);
-      return url;
+      return token || null;
+    }
+
+    // Trade the token for a stream ticket; null when the attempt is over (stopped or retrying).
+    async _ticket(url, token) {
+      const ticketUrl = new URL(url);
+      ticketUrl.pathname = ticketUrl.pathname.replace(/\/stream$/, "/ticket");
+      let response;
+      try {
+        response = await fetch(ticketUrl, {
+          method: "POST",
+          headers: { Authorization: `Bearer ${token}` },
+          credentials: "omit",
+          cache: "no-store",
+        });
+      } catch {
+        this._retry(); // the service is unreachable
+        return null;
+      }
+      if (this._closed) return null;
+      if (response.status === 401 || response.status === 403) {
+        this._stop("unauthorized");
+        return null;
+      }
+      if (!response.ok) {
+        this._retry();
+        return null;
+      }
+      return (await response.json()).ticket;
     }
 
     async _open() {
       let url;
+      let token;
       try {
-        url = await this._url();
+        const base = globalThis.location ? globalThis.location.href : undefined;
+        url = new URL(this.options.url, base);
+        token = await this._token();
+        if (this._closed) return;
+        if (token) {
+          const ticket = await this._ticket(url, token);
+          if (ticket === null) return;
+          url.searchParams.set("ticket", ticket);
+        }
       } catch (err) {
         return this._stop(String((err && err.message) || err));
       }
@@ -78,6 +118,15 @@
         this._delay = 0;
         this._update({ connected: true, live: serverLive });
       });
+      source.addEventListener("reauthenticate", () => {
+        // The token expired. The counts stay current: the next stream starts with the
+        // whole state, so the status is left as it is while reconnecting.
+        source.close();
+        if (this._source !== source) return;
+        this._source = null;
+        if (typeof this.options.token === "function") this._open();
+        else this._stop("token expired");
+      });
       source.addEventListener("error", () => {
         // EventSource retries network errors by itself, but gives up after an HTTP error:
         // take over both, so every retry follows one backoff and a refused token stops it.
@@ -86,18 +135,25 @@
         this._source = null;
         this._update({ connected: false, live: false });
         if (opened) this._retry();
-        else this._check(url);
+        else this._check(url, token);
       });
     }
 
     // The stream failed before it opened: ask the snapshot endpoint why.
-    async _check(url) {
+    async _check(url, token) {
       const snapshot = new URL(url);
       snapshot.pathname = snapshot.pathname.replace(/\/stream$/, "");
+      snapshot.search = "";
       let status = 0;
       try {
-        const credentials = this.options.withCredentials ? "include" : "same-origin";
-        status = (await fetch(snapshot, { credentials, cache: "no-store" })).status;
+        const init = { cache: "no-store" };
+        if (token) {
+          init.headers = { Authorization: `Bearer ${token}` };
+          init.credentials = "omit";
+        } else {
+          init.credentials = this.options.withCredentials ? "include" : "same-origin";
+        }
+        status = (await fetch(snapshot, init)).status;
       } catch {
         // the service is unreachable: retry
       }
