@@ -14,7 +14,10 @@
     ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
     ├── SchemaError          a badge table or column is missing, or changed under the stream
     ├── ReplicationLost      the replication connection broke; the caller may reconnect
-    └── SlotMissing          our slot is gone; start afresh with a new snapshot
+    ├── StartAfresh          the stream cannot be followed past here; take a new snapshot
+    │   └── SlotMissing      our slot is gone, invalidated, or not ours any more
+    └── NeedsCatalog         a change names a relation or DDL the stream alone cannot place;
+                             the consumer looks it up in the catalog and feeds it again
 """
 
 from __future__ import annotations
@@ -68,8 +71,27 @@ class ReplicationLost(ReplicatorError):
     """The replication connection is gone; resuming from the last applied LSN is safe."""
 
 
-class SlotMissing(ReplicatorError):
-    """Our slot disappeared while we were away (an administrator dropped it)."""
+class StartAfresh(ReplicatorError):
+    """What follows in the stream cannot be applied to the state (a partition truncated,
+    detached or dropped, a table rewritten): the state must be counted afresh."""
+
+
+class SlotMissing(StartAfresh):
+    """Our slot disappeared, was invalidated, or was recreated by someone else."""
+
+
+class NeedsCatalog(ReplicatorError):
+    """A message the stream alone cannot place: a relation never seen (a new partition?) or
+    a DDL signal. The feed attaches the message (``payload``, ``lsn``) so that the consumer
+    can look the relation up and feed it again; ``again`` says whether it must."""
+
+    def __init__(self, message: str, *, relation: object = None, oids: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.relation = relation
+        self.oids = oids
+        self.payload: bytes = b""
+        self.lsn = 0
+        self.again = relation is not None
 
 
 def one_line(exc: BaseException) -> str:

@@ -223,7 +223,7 @@ async def test_slot_dropped_by_an_administrator(database: Database) -> None:
             assert metrics["replicator_snapshots_total"] == 2
             assert httpx.get(service.url + "/readyz", timeout=10).status_code == 200
         assert service.process.poll() is None, "the service must not crash"
-    assert "starting afresh" in service.log
+    assert "is gone; counting afresh from a new snapshot" in service.log
 
 
 async def test_schema_changes_that_keep_the_badge_columns(database: Database) -> None:

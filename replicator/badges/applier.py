@@ -20,7 +20,8 @@ from typing import Any
 from replicator.badges.predicate import RowTest
 from replicator.badges.spec import Badge
 from replicator.badges.state import BadgeState, Pair
-from replicator.errors import SchemaError
+from replicator.badges.tables import Key, TableMap, qualified
+from replicator.errors import NeedsCatalog, SchemaError, StartAfresh
 from replicator.pg.changes import Projection, Relation, Values
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,11 @@ class Applier:
     """Applies the rows of badge tables to a ``BadgeState``, one transaction at a time.
 
     ``on_commit`` is called with the commit LSN and the changed users after each transaction
-    that changed something.
+    that changed something; ``on_message`` with each transactional logical message.
+
+    ``tables`` places the relations of the stream: partitions of badge tables count for their
+    table's badges, a relation it does not know raises ``NeedsCatalog``. Without it, badge
+    tables are known by name and every other relation is ignored.
     """
 
     def __init__(
@@ -43,11 +48,25 @@ class Applier:
         state: BadgeState,
         badges: Sequence[Badge],
         *,
+        tables: TableMap | None = None,
         on_commit: Callable[[int, set[str]], None] | None = None,
+        on_message: Callable[[str, str], None] | None = None,
     ) -> None:
         self.state = state
         self.badges = tuple(badges)
         self.on_commit = on_commit
+        self.on_message = on_message
+        self._roots = {(b.spec.schema, b.spec.table) for b in self.badges}
+        #: member -> its badge table, for every relation whose rows count
+        self._members: dict[Key, Key] = {key: key for key in self._roots}
+        self._member_oids: dict[int, Key] = {}
+        self._others: set[Key] | None = None
+        if tables is not None:
+            self._members = {key: m.root for key, m in tables.members.items()}
+            self._member_oids = tables.oids()
+            self._others = set(tables.others)
+        #: relid -> name, for the partitions announced (a TRUNCATE of one needs a new count)
+        self._partitions: dict[int, str] = {}
         self._deltas: tuple[dict[Pair, int], ...] = tuple({} for _ in self.badges)
         self._truncated: set[int] = set()
         #: relid -> the badges that read it
@@ -64,20 +83,42 @@ class Applier:
         return sum(len(buffer) for buffer in self._deltas)
 
     def tables(self) -> dict[tuple[str, str], tuple[str, ...]]:
-        """(schema, table) -> the columns the badges read of it, in file order."""
-        found: dict[tuple[str, str], dict[str, None]] = {}
+        """Every relation whose rows count (badge tables and their partitions) -> the columns
+        the badges read of it, in file order."""
+        found: dict[Key, dict[str, None]] = {}
         for badge in self.badges:
             spec = badge.spec
             found.setdefault((spec.schema, spec.table), {}).update(dict.fromkeys(spec.columns))
-        return {table: tuple(columns) for table, columns in found.items()}
+        return {member: tuple(found[root]) for member, root in self._members.items()}
+
+    def add_member(self, key: Key, oid: int, root: Key) -> None:
+        """A relation learned since the start (a new partition) whose rows count for ``root``."""
+        self._members[key] = root
+        self._member_oids[oid] = key
+
+    def add_other(self, key: Key) -> None:
+        """A relation learned since the start whose rows count for nobody."""
+        if self._others is not None:
+            self._others.add(key)
 
     # -- ChangeSink ------------------------------------------------------------------------
 
     def relation(self, rel: Relation) -> Projection | None:
         self._relations.pop(rel.relid, None)
-        badges = tuple(
-            b for b in self.badges if (b.spec.schema, b.spec.table) == (rel.namespace, rel.name)
-        )
+        self._partitions.pop(rel.relid, None)
+        key = (rel.namespace, rel.name)
+        known = self._member_oids.get(rel.relid)
+        if known is not None and known != key:
+            raise SchemaError(
+                f"table {qualified(known)} is now {qualified(key)} (renamed or moved);"
+                " change the badges file (or the name back) and restart"
+            )
+        root = self._members.get(key)
+        if root is None:
+            if self._others is None or key in self._others:
+                return None
+            raise NeedsCatalog(f"table {qualified(key)} is new to the stream", relation=rel)
+        badges = tuple(b for b in self.badges if (b.spec.schema, b.spec.table) == root)
         if not badges:
             return None
         names = [c.name for c in rel.columns]
@@ -91,10 +132,10 @@ class Applier:
                 announced = rel.columns[names.index(column)].type_oid
                 bound = badge.types[column]
                 if announced and bound.type_oid and announced != bound.type_oid:
-                    raise SchemaError(
+                    # values may have changed with the type, row by row, without a row change
+                    raise StartAfresh(
                         f"column {column} of table {rel.qualified_name} is no longer"
-                        f" {bound.type_name} (type oid {bound.type_oid} became {announced});"
-                        " restart the service to count it afresh"
+                        f" {bound.type_name} (type oid {bound.type_oid} became {announced})"
                     )
         if rel.replica_identity != "f":
             raise SchemaError(
@@ -107,6 +148,8 @@ class Applier:
         slot_of = {column: slot for slot, column in enumerate(wanted)}
         slots = tuple(slot_of.get(name, -1) for name in names)
         self._relations[rel.relid] = badges
+        if key != root:
+            self._partitions[rel.relid] = rel.qualified_name
         logger.info(
             "relation %s (oid %d) feeds %s",
             rel.qualified_name,
@@ -116,6 +159,11 @@ class Applier:
         return self._projection(rel.qualified_name, badges, slot_of, slots)
 
     def truncate(self, relids: tuple[int, ...]) -> None:
+        for relid in relids:
+            partition = self._partitions.get(relid)
+            if partition is not None:
+                # the rows it held leave their table's counts with no row change to apply
+                raise StartAfresh(f"partition {partition} was truncated")
         for relid in relids:
             for badge in self._relations.get(relid, ()):
                 self._deltas[badge.index].clear()
@@ -129,6 +177,10 @@ class Applier:
         truncated.clear()
         if changed and self.on_commit is not None:
             self.on_commit(commit_lsn, changed)
+
+    def message(self, prefix: str, content: str) -> None:
+        if self.on_message is not None:
+            self.on_message(prefix, content)
 
     def abandon(self) -> None:
         for buffer in self._deltas:

@@ -67,6 +67,7 @@ class Table:
     replica_identity: str
     #: column name -> type, in column order
     columns: Mapping[str, Column]
+    oid: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Badge:
     types: Mapping[str, Column]
     #: pg_class.relkind of the table
     table_kind: str = "r"
+    table_oid: int = 0
 
     @property
     def name(self) -> str:
@@ -194,6 +196,13 @@ def bind(specs: Sequence[BadgeSpec], tables: Mapping[tuple[str, str], Table]) ->
                 f"badge {spec.name!r}: table {spec.qualified_table} does not exist;"
                 " create it, or fix table in the badges file"
             )
+        if table.kind not in ("r", "p"):
+            what = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
+            raise SchemaError(
+                f"badge {spec.name!r}: {spec.qualified_table} is"
+                f" {what.get(table.kind, 'not a table')}, whose changes are not streamed;"
+                " a badge counts the rows of a table"
+            )
         types: dict[str, Column] = {}
         for column in spec.columns:
             found = table.columns.get(column)
@@ -216,5 +225,5 @@ def bind(specs: Sequence[BadgeSpec], tables: Mapping[tuple[str, str], Table]) ->
             predicate.check_types(spec.where, types)
         except PredicateError as exc:
             raise BadgeFileError(f"badge {spec.name!r}: where: {exc}") from None
-        badges.append(Badge(spec, index, types, table.kind))
+        badges.append(Badge(spec, index, types, table.kind, table.oid))
     return badges

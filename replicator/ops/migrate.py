@@ -7,6 +7,8 @@ from pathlib import Path
 
 import psycopg
 
+from replicator.pg import ddl
+
 logger = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -40,6 +42,23 @@ def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
                     )
                 logger.info("applied migration %s", version)
                 applied_now.append(version)
+            install_ddl_signal(conn)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now
+
+
+def install_ddl_signal(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Install (or refresh) the DDL signal's event triggers, if the role may; see
+    ``replicator.pg.ddl``. Without them the service looks at the catalog at an interval."""
+    try:
+        with conn.transaction():
+            for statement in ddl.install_statements():
+                conn.execute(statement.encode())
+    except psycopg.errors.InsufficientPrivilege:
+        logger.info(
+            "the DDL signal (event triggers) was not installed: it needs a superuser;"
+            " `replicator doctor --sql` prints its statements"
+        )
+        return False
+    return True

@@ -134,6 +134,9 @@ class ChangeSink(Protocol):
     def truncate(self, relids: tuple[int, ...]) -> None:
         """The relations were truncated in the open transaction."""
 
+    def message(self, prefix: str, content: str) -> None:
+        """A transactional logical message in the open transaction."""
+
     def commit(self, commit_lsn: int, commit_time: int) -> None:
         """The open transaction committed: what it changed becomes visible."""
 

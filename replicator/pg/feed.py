@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from replicator.errors import ProtocolError
+from replicator.errors import NeedsCatalog, ProtocolError
 from replicator.pg.changes import (
     UNCHANGED,
     Begin,
@@ -78,13 +78,8 @@ class TransactionFeed:
         elif kind is Truncate:
             if not self._skipping:
                 self.sink.truncate(msg.relids)  # type: ignore[union-attr]
-        elif (
-            kind is LogicalMessage
-            and not msg.transactional  # type: ignore[union-attr]
-            and not self._in_transaction
-        ):
-            # Every transaction that committed before this message was sent before it.
-            self.advance(msg.lsn)  # type: ignore[union-attr]
+        elif kind is LogicalMessage:
+            self._message(msg)  # type: ignore[arg-type]
         # Origin and Type need nothing from us.
 
     def advance(self, lsn: int) -> None:
@@ -128,6 +123,14 @@ class TransactionFeed:
         self.applied_lsn = max(self.applied_lsn, msg.end_lsn)
         self.transactions += 1
         self.last_commit_time = msg.commit_time
+
+    def _message(self, msg: LogicalMessage) -> None:
+        if msg.transactional:
+            if self._in_transaction and not self._skipping:
+                self.sink.message(msg.prefix, msg.content.decode("utf-8", "replace"))
+        elif not self._in_transaction:
+            # Every transaction that committed before this message was sent before it.
+            self.advance(msg.lsn)
 
     def _insert(self, msg: Insert) -> None:
         projection = self._projections.get(msg.relid)
@@ -173,7 +176,11 @@ class PgoutputFeed(TransactionFeed):
     def __call__(self, payload: Buffer, lsn: int) -> None:
         """Decode and apply one pgoutput message that arrived at WAL position ``lsn``."""
         if not payload or payload[0] != 0x49:
-            self.apply_message(self.decoder.decode(payload, lsn))
+            try:
+                self.apply_message(self.decoder.decode(payload, lsn))
+            except NeedsCatalog as exc:
+                exc.payload, exc.lsn = bytes(payload), lsn
+                raise
             return
         # Inserts are most of any stream: ``_insert`` for one, with the fewest calls.
         relid, new = self.decoder.insert_row(payload, lsn)
@@ -209,4 +216,8 @@ class Wal2jsonFeed(TransactionFeed):
             self.decoder.project(relid, slots)
 
     def __call__(self, payload: Buffer, lsn: int) -> None:
-        self.decoder.decode(payload, lsn, self.apply_message)
+        try:
+            self.decoder.decode(payload, lsn, self.apply_message)
+        except NeedsCatalog as exc:
+            exc.payload, exc.lsn = bytes(payload), lsn
+            raise

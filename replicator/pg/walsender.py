@@ -23,6 +23,7 @@ from replicator.errors import (
     ProtocolError,
     ReplicationLost,
     SlotInUseError,
+    SlotMissing,
     one_line,
 )
 from replicator.pg.lsn import format_lsn, parse_lsn
@@ -123,6 +124,9 @@ class ReplicationConnection:
             ) from exc
         except psycopg.errors.UndefinedObject as exc:
             raise DatabaseSetupError(f"cannot stream from slot {slot!r}: {exc}") from exc
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            # 55000: the slot was invalidated (WAL removed, a conflict on a standby, idle)
+            raise SlotMissing(f"cannot stream from slot {slot!r}: {one_line(exc)}") from exc
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
         if self._pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:

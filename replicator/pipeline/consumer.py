@@ -13,23 +13,34 @@ import psycopg
 
 from replicator.badges import spec as badge_spec
 from replicator.badges.applier import Applier
-from replicator.badges.catalog import bind_async
+from replicator.badges.catalog import bind_async, describe_async, empty_relations
 from replicator.badges.spec import Badge, BadgeSpec
 from replicator.badges.state import BadgeState
+from replicator.badges.tables import TableMap, qualified
+from replicator.badges.tables import changes as table_changes
 from replicator.config.settings import DECODERS
 from replicator.errors import (
     ConfigError,
     DatabaseSetupError,
+    NeedsCatalog,
     ReplicationLost,
     ReplicatorError,
     SlotInUseError,
     SlotMissing,
+    StartAfresh,
     one_line,
 )
+from replicator.pg import ddl
+from replicator.pg.changes import Relation
 from replicator.pg.decoding import wal2json
 from replicator.pg.feed import PgoutputFeed, Wal2jsonFeed
 from replicator.pg.lsn import format_lsn
-from replicator.pg.slots import check_publication, clear_leftover_slot, drop_slot
+from replicator.pg.slots import (
+    check_publication,
+    check_resumable,
+    clear_leftover_slot,
+    drop_slot,
+)
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
 from replicator.pipeline.snapshot import read_initial_state
@@ -66,6 +77,9 @@ class ConsumerOptions:
     decoder: str = "pgoutput"
     #: the badges to count (None: the built-in default, its tables in ``schema``)
     badges: Sequence[BadgeSpec] | None = None
+    #: seconds between looks at the catalog for changes the stream cannot show (partitions
+    #: attached, detached or dropped, tables renamed); the DDL signal shows them at once
+    catalog_check_s: float = 5.0
 
     def specs(self) -> list[BadgeSpec]:
         if self.badges is not None:
@@ -95,7 +109,10 @@ class Consumer:
         self._on_commit = on_commit
         self._on_live = on_live
         # Counts need the columns' types, which binding reads from the catalog at start.
-        self._use_state(self._empty_state(), 0, [])
+        self._use_state(self._empty_state(), 0, [], TableMap())
+        self.database: str | None = None
+        #: new snapshots taken because the stream could not be followed (partitions, slots)
+        self.fresh_starts = 0
         self.live = False
         self.error: str | None = None
         self.snapshot_seconds = 0.0
@@ -151,13 +168,17 @@ class Consumer:
                     await self._resume()
                 backoff.reset()
                 self._set_live(True)
-                assert self._repl is not None
-                await self._repl.stream(
-                    self.feed,
-                    self._on_keepalive,
-                    lambda: self.feed.applied_lsn,
-                    status_interval=self.options.status_interval,
-                )
+                pending: NeedsCatalog | None = None
+                while True:
+                    try:
+                        if pending is not None:
+                            found, pending = pending, None
+                            await self._learn(found)
+                            if found.again:
+                                self.feed(found.payload, found.lsn)
+                        await self._stream()
+                    except NeedsCatalog as exc:
+                        pending = exc
             except (ReplicationLost, psycopg.OperationalError) as exc:
                 self._set_live(False)
                 await self._close_repl()
@@ -166,12 +187,14 @@ class Consumer:
                 logger.warning("%s; retrying in %.1f s", one_line(exc), wait)
                 self.reconnects += 1
                 await anyio.sleep(wait)
-            except SlotMissing as exc:
+            except StartAfresh as exc:
                 self._set_live(False)
                 await self._close_repl()
-                logger.error("%s; starting afresh with a new snapshot", exc)
+                logger.warning("%s; counting afresh from a new snapshot", exc)
                 fresh = True
-                await anyio.sleep(backoff.next())
+                self.fresh_starts += 1
+                if isinstance(exc, SlotMissing):
+                    await anyio.sleep(backoff.next())
             except ReplicatorError as exc:
                 self.error = str(exc)
                 self._set_live(False)
@@ -183,13 +206,104 @@ class Consumer:
             [s.name for s in self.specs], [s.counterpart is not None for s in self.specs]
         )
 
+    async def _stream(self) -> None:
+        """Stream until something interrupts: the connection, a fatal error, a message that
+        needs the catalog, or a catalog change the watcher found."""
+        assert self._repl is not None
+        repl = self._repl
+        failure: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_catalog, tg.cancel_scope, failure)
+            try:
+                await repl.stream(
+                    self.feed,
+                    self._on_keepalive,
+                    lambda: self.feed.applied_lsn,
+                    status_interval=self.options.status_interval,
+                )
+            except Exception as exc:
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+
+    async def _watch_catalog(self, scope: anyio.CancelScope, failure: list[Exception]) -> None:
+        """Look at the catalog every ``catalog_check_s``; stop the stream on a change."""
+        while True:
+            await anyio.sleep(self.options.catalog_check_s)
+            try:
+                await self._learn(NeedsCatalog("a periodic look at the catalog"))
+            except psycopg.OperationalError:
+                continue  # the stream notices a lost server by itself
+            except Exception as exc:
+                failure.append(exc)
+                scope.cancel()
+                return
+
+    async def _learn(self, need: NeedsCatalog) -> None:
+        """Look at the catalog for what the stream cannot say: a relation it has not seen, a
+        DDL signal, or any change since the snapshot. Raises ``StartAfresh`` or
+        ``SchemaError`` when the stream cannot go on as it is."""
+        opts = self.options
+        async with await psycopg.AsyncConnection.connect(
+            opts.dsn, autocommit=True, connect_timeout=10
+        ) as admin:
+            badges = await bind_async(admin, self.specs, explain=False)
+            tables = await describe_async(admin, badges, opts.publication)
+            known_oids = self.tables.oids()
+            added = [m.key for m in tables.members.values() if m.oid not in known_oids]
+            empty = await empty_relations(admin, added) if added else []
+        new_members = table_changes(
+            self.tables,
+            tables,
+            self.applier.badges,
+            badges,
+            announced=opts.decoder == "pgoutput",
+            empty=empty,
+        )
+        for member in new_members:
+            logger.info("partition %s joined %s", qualified(member.key), qualified(member.root))
+            self.applier.add_member(member.key, member.oid, member.root)
+            self.tables.members[member.key] = member
+        rel = need.relation
+        if isinstance(rel, Relation) and (rel.namespace, rel.name) not in tables.members:
+            self.applier.add_other((rel.namespace, rel.name))
+
+    def _on_message(self, prefix: str, content: str) -> None:
+        """A transactional logical message; the DDL signal's are looked at here."""
+        if prefix != ddl.PREFIX:
+            return
+        signal = ddl.parse(content)
+        if signal is None:
+            return
+        ours = self.tables.oids()
+        ours.update({b.table_oid: (b.spec.schema, b.spec.table) for b in self.applier.badges})
+        touched = [ours[oid] for oid in signal.oids if oid in ours]
+        if not touched:
+            return
+        what = f"{signal.tag} on {qualified(touched[0])}"
+        if signal.event == "table_rewrite":
+            # a rewrite may change any value (ALTER COLUMN ... TYPE ... USING) without a row change
+            raise StartAfresh(f"{what} rewrote the table")
+        raise NeedsCatalog(what, oids=signal.oids)
+
     async def _start_fresh(self) -> None:
         opts = self.options
         async with await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True) as admin:
             badges = await bind_async(admin, self.specs)
-            tables = list(dict.fromkeys((s.schema, s.table) for s in self.specs))
-            await check_publication(admin, opts.publication, tables)
-            await clear_leftover_slot(admin, opts.slot)
+            tables = await describe_async(admin, badges, opts.publication)
+            tables.check()
+            roots = list(dict.fromkeys((s.schema, s.table) for s in self.specs))
+            await check_publication(
+                admin,
+                opts.publication,
+                roots,
+                tables.leaves(),
+                partitioned=tables.partitioned(),
+            )
+            database = admin.info.dbname
+            await clear_leftover_slot(admin, opts.slot, database=database, plugin=opts.decoder)
+        self.database = database
         repl = await ReplicationConnection.open(opts.dsn)
         self._repl = repl
         started = time.monotonic()
@@ -199,7 +313,7 @@ class Consumer:
         # The exported snapshot dies with the replication connection's next command, so it
         # is read now, before START_REPLICATION.
         async with await psycopg.AsyncConnection.connect(opts.dsn) as conn:
-            rows = await read_initial_state(conn, snapshot, badges, state)
+            rows = await read_initial_state(conn, snapshot, badges, state, tables)
         state.lsn = consistent_point
         self.snapshot_seconds = time.monotonic() - started
         self.snapshot_rows = rows
@@ -211,13 +325,18 @@ class Consumer:
             rows,
             self.snapshot_seconds,
         )
-        self._replace_state(state, consistent_point, badges)
+        self._replace_state(state, consistent_point, badges, tables)
         await self._start_streaming(consistent_point, first=True)
 
-    def _use_state(self, state: BadgeState, lsn: int, badges: Sequence[Badge]) -> None:
+    def _use_state(
+        self, state: BadgeState, lsn: int, badges: Sequence[Badge], tables: TableMap
+    ) -> None:
         """Apply the stream to ``state`` from ``lsn`` on, through the configured decoder."""
         self.state = state
-        self.applier = Applier(state, badges, on_commit=self._on_commit)
+        self.tables = tables
+        self.applier = Applier(
+            state, badges, tables=tables, on_commit=self._on_commit, on_message=self._on_message
+        )
         #: takes each XLogData payload with its WAL position
         self.feed: PgoutputFeed | Wal2jsonFeed = (
             Wal2jsonFeed(self.applier, self.applier.tables(), applied_lsn=lsn)
@@ -225,18 +344,31 @@ class Consumer:
             else PgoutputFeed(self.applier, applied_lsn=lsn)
         )
 
-    def _replace_state(self, state: BadgeState, lsn: int, badges: Sequence[Badge]) -> None:
+    def _replace_state(
+        self, state: BadgeState, lsn: int, badges: Sequence[Badge], tables: TableMap
+    ) -> None:
         old = self.state
         changed = {
             u
             for u in old.users.keys() | state.users.keys()
             if list(old.view(u)) != list(state.view(u))
         }
-        self._use_state(state, lsn, badges)
+        self._use_state(state, lsn, badges, tables)
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
 
     async def _resume(self) -> None:
+        opts = self.options
+        async with await psycopg.AsyncConnection.connect(
+            opts.dsn, autocommit=True, connect_timeout=10
+        ) as admin:
+            await check_resumable(
+                admin,
+                opts.slot,
+                database=self.database or admin.info.dbname,
+                plugin=opts.decoder,
+                confirmed=self.feed.applied_lsn,
+            )
         self._repl = await ReplicationConnection.open(self.options.dsn)
         await self._start_streaming(self.feed.applied_lsn, first=False)
         logger.info("replication resumed at %s", format_lsn(self.feed.applied_lsn))

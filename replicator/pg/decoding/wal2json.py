@@ -47,8 +47,13 @@ def stream_options(tables: Iterable[tuple[str, str]]) -> dict[str, str]:
         "include-schemas": "true",
         "include-types": "false",
         "actions": "insert,update,delete,truncate",
-        "add-tables": ",".join(f"{schema}.{table}" for schema, table in tables),
+        "add-tables": ",".join(f"{_escape(schema)}.{_escape(table)}" for schema, table in tables),
     }
+
+
+def _escape(name: str) -> str:
+    """A name as wal2json's table lists take it: its separators and wildcard escaped."""
+    return "".join("\\" + c if c in "\\ ',.*" else c for c in name)
 
 
 class _Malformed(Exception):
@@ -81,6 +86,7 @@ class Decoder:
         self.relations: dict[int, Relation] = {}
         self._tables: dict[tuple[str, str], _Table] = {}
         self._by_relid: dict[int, _Table] = {}
+        self._last_relid = 0
         # A TRUNCATE names its table but carries no columns; a table first seen that way
         # is announced with the columns wanted of it, and corrected by its next row.
         self._known = dict(known or {})
@@ -150,7 +156,8 @@ class Decoder:
         apply: Apply,
     ) -> _Table:
         if table is None:
-            relid = len(self._tables) + 1
+            self._last_relid += 1
+            relid = self._last_relid
             table = _Table(relid, columns, replica_identity)
             self._tables[key] = table
             self._by_relid[relid] = table
@@ -165,7 +172,14 @@ class Decoder:
             tuple(Column(name, 0, -1, False) for name in columns),
         )
         self.relations[table.relid] = relation
-        apply(relation)
+        try:
+            apply(relation)
+        except Exception:
+            # announced again when the message comes again
+            if table.slots is None and self._tables.get(key) is table:
+                del self._tables[key]
+                del self._by_relid[table.relid]
+            raise
         return table
 
     # -- changes ---------------------------------------------------------------------------
