@@ -20,7 +20,7 @@ from typing import Any
 from replicator.badges.predicate import RowTest
 from replicator.badges.spec import Badge
 from replicator.badges.state import BadgeState, Pair
-from replicator.badges.tables import Key, TableMap, qualified
+from replicator.badges.tables import Key, TableMap, moved, qualified
 from replicator.errors import NeedsCatalog, SchemaError, StartAfresh
 from replicator.pg.changes import Projection, Relation, Values
 
@@ -109,10 +109,7 @@ class Applier:
         key = (rel.namespace, rel.name)
         known = self._member_oids.get(rel.relid)
         if known is not None and known != key:
-            raise SchemaError(
-                f"table {qualified(known)} is now {qualified(key)} (renamed or moved);"
-                " change the badges file (or the name back) and restart"
-            )
+            raise SchemaError(moved(known, key))
         root = self._members.get(key)
         if root is None:
             if self._others is None or key in self._others:

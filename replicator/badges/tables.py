@@ -24,6 +24,14 @@ def qualified(key: Key) -> str:
     return f"{quote_name(key[0])}.{quote_name(key[1])}"
 
 
+def moved(was: Key, now: Key) -> str:
+    """The one line for a badge table that changed its name or schema under the stream."""
+    return (
+        f"badge table {qualified(was)} is now {qualified(now)} (renamed or moved);"
+        " change the badges file (or the name back) and restart"
+    )
+
+
 @dataclass(frozen=True)
 class Member:
     """A relation whose rows are (part of) a badge table's rows."""
@@ -124,6 +132,24 @@ class TableMap:
             )
 
 
+def check_names(old: TableMap, new: TableMap, badges: Sequence[Badge]) -> None:
+    """Raise ``SchemaError`` for a badge table renamed, moved or dropped since ``old``
+    (``new`` read by the same badge tables' oids)."""
+    new_oids = new.oids()
+    for badge in badges:
+        key = (badge.spec.schema, badge.spec.table)
+        member = old.members.get(key)
+        if member is None:
+            continue
+        now = new_oids.get(member.oid)
+        if now is None:
+            raise SchemaError(
+                f"badge table {qualified(key)} was dropped; restore it or change the badges file"
+            )
+        if now != key:
+            raise SchemaError(moved(key, now))
+
+
 def changes(
     old: TableMap,
     new: TableMap,
@@ -142,32 +168,18 @@ def changes(
     ``announced`` (pgoutput announces every relation before its first row).
     """
     old_oids, new_oids = old.oids(), new.oids()
-    for badge in old_badges:
-        spec = badge.spec
-        key = (spec.schema, spec.table)
-        member = old.members.get(key)
-        if member is None:
-            continue
-        now = new_oids.get(member.oid)
-        if now is None:
-            raise SchemaError(
-                f"badge table {qualified(key)} was dropped; restore it or change the badges file"
-            )
-        if now != key:
-            raise SchemaError(
-                f"badge table {qualified(key)} is now {qualified(now)} (renamed or moved);"
-                " change the badges file (or the name back) and restart"
-            )
+    check_names(old, new, old_badges)
     if len(new_badges) == len(old_badges):
         for before, after in zip(old_badges, new_badges, strict=True):
             for column, kind in before.types.items():
                 now_type = after.types.get(column)
                 if now_type is not None and now_type.type_oid != kind.type_oid:
                     table = qualified((before.spec.schema, before.spec.table))
-                    raise SchemaError(
+                    # the values may have changed with the type: counted afresh, or refused
+                    # by the new binding if the badges cannot compare the new type
+                    raise StartAfresh(
                         f"column {column} of table {table}"
-                        f" is no longer {kind.type_name} (now {now_type.type_name});"
-                        " restart the service to count it afresh"
+                        f" is no longer {kind.type_name} (now {now_type.type_name})"
                     )
     new.check()
     gone = [key for key, m in old.members.items() if new_oids.get(m.oid) != key]

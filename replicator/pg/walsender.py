@@ -42,6 +42,14 @@ _XLOGDATA, _KEEPALIVE = 0x77, 0x6B
 _SLICE_S = 0.01
 
 
+def _string(value: str) -> str:
+    """A string as the walsender's command grammar reads it: quotes doubled, no E'' form
+    (which it does not know), backslashes as they are."""
+    if "\0" in value:
+        raise ValueError("a replication option cannot hold a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
+
+
 class ReplicationConnection:
     """One walsender connection, from slot creation through copy-both streaming."""
 
@@ -110,7 +118,8 @@ class ReplicationConnection:
 
     async def start(self, slot: str, lsn: int, options: dict[str, str]) -> None:
         opts = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.SQL(_string(v)))
+            for k, v in options.items()
         )
         query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(slot), sql.SQL(format_lsn(lsn)), opts

@@ -16,7 +16,7 @@ from replicator.badges.applier import Applier
 from replicator.badges.catalog import bind_async, describe_async, empty_relations
 from replicator.badges.spec import Badge, BadgeSpec
 from replicator.badges.state import BadgeState
-from replicator.badges.tables import TableMap, qualified
+from replicator.badges.tables import TableMap, check_names, qualified
 from replicator.badges.tables import changes as table_changes
 from replicator.config.settings import DECODERS
 from replicator.errors import (
@@ -248,8 +248,9 @@ class Consumer:
         async with await psycopg.AsyncConnection.connect(
             opts.dsn, autocommit=True, connect_timeout=10
         ) as admin:
+            tables = await describe_async(admin, self.applier.badges, opts.publication)
+            check_names(self.tables, tables, self.applier.badges)
             badges = await bind_async(admin, self.specs, explain=False)
-            tables = await describe_async(admin, badges, opts.publication)
             known_oids = self.tables.oids()
             added = [m.key for m in tables.members.values() if m.oid not in known_oids]
             empty = await empty_relations(admin, added) if added else []
