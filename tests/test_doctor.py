@@ -26,6 +26,7 @@ CHECKS = [
     "badges",
     "publication",
     "replica identity",
+    "row security",
     "index unread_messages",
     "index missed_calls",
     "replication slots",
@@ -34,6 +35,7 @@ CHECKS = [
     "table access",
     "inactive slots",
     "max_slot_wal_keep_size",
+    "ddl signal",
 ]
 
 

@@ -443,3 +443,39 @@ async def test_wal2json_follows_tables_with_dots_and_commas_in_their_names(
         await caught_up(consumer, db.dsn)
         expected = await database_counts(db.dsn, specs)
         assert state_counts(consumer.state) == expected and expected
+
+
+def test_doctor_names_what_each_setup_needs(database: Database) -> None:
+    from replicator.ops.doctor import FAIL, OK, WARN, connect, run_checks
+    from tests.support import DEFAULT_SPECS
+
+    with psycopg.connect(database.dsn, autocommit=True) as conn:
+        conn.execute(PARTITIONED.encode())
+        for name in ddl.TRIGGERS:
+            conn.execute(f"DROP EVENT TRIGGER {name}".encode())
+        conn.execute(
+            b"CREATE TABLE messages_p9 PARTITION OF messages FOR VALUES FROM (100000) TO (200000)"
+        )
+        conn.execute(b"ALTER PUBLICATION badges SET (publish_via_partition_root)")
+        for statement in ROW_SECURITY:
+            conn.execute(statement.encode())
+    with service_role(database) as dsn, connect(dsn) as conn:
+        checks = {
+            c.name: c for c in run_checks(conn, publication="badges", slot="s", specs=DEFAULT_SPECS)
+        }
+    assert checks["publication"].status == FAIL
+    assert (
+        "ALTER PUBLICATION badges SET (publish_via_partition_root = false)"
+        in checks["publication"].sql
+    )
+    assert checks["replica identity"].status == FAIL
+    assert checks["replica identity"].sql == (
+        "ALTER TABLE public.messages_p9 REPLICA IDENTITY FULL",
+    )
+    assert checks["row security"].status == FAIL
+    assert checks["row security"].detail.startswith("public.messages would hide rows from svc_")
+    assert checks["ddl signal"].status == WARN
+    assert (
+        checks["ddl signal"].sql[0].startswith("CREATE OR REPLACE FUNCTION replicator_ddl_signal")
+    )
+    assert checks["badges"].status == OK

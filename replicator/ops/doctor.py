@@ -13,11 +13,13 @@ from psycopg import sql as psql
 
 from replicator.badges import queries
 from replicator.badges import spec as badge_spec
-from replicator.badges.catalog import bind_sync
+from replicator.badges.catalog import bind_sync, describe_sync
 from replicator.badges.predicate import Always, quote_name, to_sql, to_text
 from replicator.badges.spec import Badge, BadgeSpec
+from replicator.badges.tables import TableMap, qualified
 from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
+from replicator.pg import ddl
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 from replicator.runtime.embedded import embedded_database
 
@@ -132,9 +134,6 @@ def name(schema: str, table: str) -> str:
     return f"{quote_name(schema)}.{quote_name(table)}"
 
 
-qualified = name
-
-
 def check_badges(conn: Conn, specs: list[BadgeSpec]) -> tuple[Check, list[Badge]]:
     """The badges file against the catalog: tables, columns, types, and the server's parse."""
     unplanned = ""
@@ -152,8 +151,14 @@ def check_badges(conn: Conn, specs: list[BadgeSpec]) -> tuple[Check, list[Badge]
     return Check("badges", OK, f"{count}: {described}{unplanned}"), badges
 
 
-def check_publication(conn: Conn, publication: str, tables: list[tuple[str, str]]) -> Check:
+def check_publication(
+    conn: Conn,
+    publication: str,
+    tables: list[tuple[str, str]],
+    members: TableMap | None = None,
+) -> Check:
     names = ", ".join(name(*table) for table in tables)
+    partitioned = members is not None and members.partitioned()
     row = _rows(
         conn,
         "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication"
@@ -189,14 +194,21 @@ def check_publication(conn: Conn, publication: str, tables: list[tuple[str, str]
             (publication,),
         )
     }
-    missing = [name(*table) for table in tables if table not in published]
+    # with partitions the publication lists their leaves, not the partitioned table
+    wanted = tables if members is None else members.leaves()
+    missing = [name(*table) for table in wanted if table not in published]
     if missing:
         problems.append(f"lacks {', '.join(missing)}")
         fixes.append(f"ALTER PUBLICATION {pub} ADD TABLE {', '.join(missing)}")
-    filtered = [name(*table) for table in tables if published.get(table)]
+    filtered = [name(*table) for table in wanted if published.get(table)]
     if filtered:
         problems.append(f"filters the rows of {', '.join(filtered)}")
         fixes.append(f"ALTER PUBLICATION {pub} SET TABLE {names}")
+    if partitioned and _value(
+        conn, "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)
+    ):
+        problems.append("publishes partitions as their root (which hides a partition's TRUNCATE)")
+        fixes.append(f"ALTER PUBLICATION {pub} SET (publish_via_partition_root = false)")
     if problems:
         return Check(
             "publication", FAIL, f"{publication} {' and '.join(problems)}", **fix_statements(*fixes)
@@ -221,8 +233,16 @@ def _tables(conn: Conn, tables: list[tuple[str, str]]) -> dict[tuple[str, str], 
     }
 
 
-def check_replica_identity(conn: Conn, tables: list[tuple[str, str]]) -> Check:
+def check_replica_identity(
+    conn: Conn, tables: list[tuple[str, str]], members: TableMap | None = None
+) -> Check:
+    """Every badge table, and every partition of one, must log whole old rows."""
     found = _tables(conn, tables)
+    if members is not None:
+        found.update(
+            {key: m.replica_identity for key, m in members.members.items() if m.holds_rows}
+        )
+        tables = list(dict.fromkeys([*tables, *members.leaves()]))
     problems: list[str] = []
     fixes: list[str] = []
     statements: list[str] = []
@@ -504,6 +524,40 @@ def check_inactive_slots(conn: Conn, slot: str) -> Check:
     return Check("inactive slots", OK, "none")
 
 
+def check_row_security(conn: Conn, members: TableMap | None) -> Check:
+    """Row security must not filter the snapshot: the stream is not filtered by it."""
+    if members is None:
+        return Check("row security", WARN, "not checked: the badges do not fit the database")
+    hidden = members.row_security_problems()
+    role = members.role
+    if hidden:
+        return Check(
+            "row security",
+            FAIL,
+            f"{', '.join(hidden)} would hide rows from {role} in the snapshot, not in the stream",
+            **fix_statements(f"ALTER ROLE {quote_name(role)} BYPASSRLS"),
+        )
+    guarded = [qualified(k) for k, m in members.members.items() if m.row_security]
+    if not guarded:
+        return Check("row security", OK, "off on every badge table")
+    how = "bypasses it" if members.bypasses_row_security else "owns the tables"
+    return Check("row security", OK, f"on for {', '.join(guarded)}; {role} {how}")
+
+
+def check_ddl_signal(conn: Conn) -> Check:
+    """The event triggers that show partition and rewrite DDL in the stream (optional)."""
+    if _value(conn, ddl.INSTALLED_QUERY, ddl.installed_params()):
+        return Check("ddl signal", OK, "event triggers show schema changes in the stream")
+    return Check(
+        "ddl signal",
+        WARN,
+        "not installed: partitions attached, detached or dropped are noticed within 5 s"
+        " by a look at the catalog, and a same-type ALTER COLUMN ... USING not at all",
+        "install it as a superuser (replicator migrate does, with a superuser)",
+        tuple(ddl.install_statements()),
+    )
+
+
 def check_keep_size(conn: Conn) -> Check:
     value = str(_value(conn, "SHOW max_slot_wal_keep_size"))
     if value == "-1":
@@ -531,12 +585,20 @@ def run_checks(conn: Conn, *, publication: str, slot: str, specs: list[BadgeSpec
         bound.extend(found)
         return check
 
+    found: list[TableMap] = []
+
+    def members() -> TableMap | None:
+        if not found and bound:
+            found.append(describe_sync(conn, bound, publication))
+        return found[0] if found else None
+
     steps: list[tuple[str, Callable[[], Check]]] = [
         ("server", lambda: check_server(conn)),
         ("wal_level", lambda: check_wal_level(conn)),
         ("badges", badges),
-        ("publication", lambda: check_publication(conn, publication, tables)),
-        ("replica identity", lambda: check_replica_identity(conn, tables)),
+        ("publication", lambda: check_publication(conn, publication, tables, members())),
+        ("replica identity", lambda: check_replica_identity(conn, tables, members())),
+        ("row security", lambda: check_row_security(conn, members())),
         *[
             (f"index {spec.name}", lambda spec=spec: check_index(conn, bound, spec))
             for spec in specs
@@ -547,6 +609,7 @@ def run_checks(conn: Conn, *, publication: str, slot: str, specs: list[BadgeSpec
         ("table access", lambda: check_access(conn, tables)),
         ("inactive slots", lambda: check_inactive_slots(conn, slot)),
         ("max_slot_wal_keep_size", lambda: check_keep_size(conn)),
+        ("ddl signal", lambda: check_ddl_signal(conn)),
     ]
     checks = []
     for check_name, step in steps:
