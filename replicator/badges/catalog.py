@@ -75,8 +75,15 @@ def _params(specs: Sequence[BadgeSpec]) -> tuple[list[str], list[str]]:
     return [s.schema for s in specs], [s.table for s in specs]
 
 
-def _query_error(badge: Badge, exc: psycopg.Error) -> BadgeFileError:
-    return BadgeFileError(f"badge {badge.name!r}: where: the database refuses it: {one_line(exc)}")
+def _refused(badge: Badge, exc: psycopg.Error) -> psycopg.Error | BadgeFileError:
+    """What to raise when the server would not plan a badge's query: the file's fault (a
+    literal of the wrong type, an unknown enum label), or the error as it is (a privilege)."""
+    planning = (psycopg.errors.DataError, psycopg.errors.SyntaxErrorOrAccessRuleViolation)
+    if isinstance(exc, planning) and not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return BadgeFileError(
+            f"badge {badge.name!r}: where: the database refuses it: {one_line(exc)}"
+        )
+    return exc
 
 
 def bind_sync(
@@ -90,12 +97,8 @@ def bind_sync(
         try:
             with conn.transaction():
                 conn.execute(queries.explain(badge))
-        except psycopg.errors.DataError as exc:
-            raise _query_error(badge, exc) from None
-        except psycopg.errors.SyntaxErrorOrAccessRuleViolation as exc:
-            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-                raise
-            raise _query_error(badge, exc) from None
+        except psycopg.Error as exc:
+            raise _refused(badge, exc) from None
     return badges
 
 
@@ -109,12 +112,8 @@ async def bind_async(
         try:
             async with conn.transaction():
                 await conn.execute(queries.explain(badge))
-        except psycopg.errors.DataError as exc:
-            raise _query_error(badge, exc) from None
-        except psycopg.errors.SyntaxErrorOrAccessRuleViolation as exc:
-            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-                raise
-            raise _query_error(badge, exc) from None
+        except psycopg.Error as exc:
+            raise _refused(badge, exc) from None
     return badges
 
 
