@@ -81,7 +81,7 @@ def _start_cluster(kind: str, bindir: Path, root: Path) -> Iterator[Server]:
             version = conn.info.server_version // 10000
         yield Server(kind, cluster.dsn(), cluster, version)
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def own_cluster(tmp_path: Path) -> Iterator[PostgresCluster]:
     try:
         yield cluster
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 async def test_postgres_down_when_the_service_starts(tmp_path: Path) -> None:

@@ -597,7 +597,7 @@ def wal2json_server(tmp_root: Path) -> Iterator[Server]:
             pytest.fail(f"{MISSING} ({problem})")
         yield Server("wal2json", cluster.dsn(), cluster, cluster.version)
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 @pytest.fixture
