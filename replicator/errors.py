@@ -8,7 +8,8 @@
     │   └── SlotInUseError   another process streams from our slot
     ├── ProtocolError        undecodable bytes from the server (names the byte and the LSN)
     ├── SchemaError          a badge table lost a column the badge rules need
-    └── ReplicationLost      the replication connection broke; the caller may reconnect
+    ├── ReplicationLost      the replication connection broke; the caller may reconnect
+    └── StartupError         ``serve`` could not start streaming (exit code 1)
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class SchemaError(ReplicatorError):
 
 class ReplicationLost(ReplicatorError):
     """The replication connection is gone; resuming from the last applied LSN is safe."""
+
+
+class StartupError(ReplicatorError):
+    """``serve`` stopped before it ever streamed; the message says why and how to fix it."""
 
 
 def one_line(exc: BaseException) -> str:

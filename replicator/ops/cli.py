@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from replicator import __version__
 from replicator.config.settings import ENV, Settings, load_settings
-from replicator.errors import ReplicatorError
+from replicator.errors import ReplicatorError, StartupError
 
 logger = logging.getLogger("replicator")
 
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_token(settings, args.user_id, ttl=args.ttl, admin=args.admin)
     except ReplicatorError as exc:
         print(f"replicator: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, StartupError) else 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -25,6 +25,7 @@ from replicator.pg.decoding import wal2json
 from replicator.pg.lsn import format_lsn
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
+from replicator.pipeline.failures import explain, is_connection_error
 from replicator.pipeline.snapshot import (
     check_publication,
     clear_leftover_slot,
@@ -91,6 +92,8 @@ class Consumer:
         self.snapshot_rows = 0
         self.reconnects = 0
         self.snapshots = 0
+        #: the stream has been live at least once (errors before that end the service)
+        self.started = False
         self._repl: ReplicationConnection | None = None
         self._slot_created = False
         self.view = ConsumerView(self)
@@ -122,6 +125,7 @@ class Consumer:
     def _set_live(self, live: bool) -> None:
         if live != self.live:
             self.live = live
+            self.started = self.started or live
             if self._on_live is not None:
                 self._on_live(live)
 
@@ -147,7 +151,11 @@ class Consumer:
                     lambda: self.applier.applied_lsn,
                     status_interval=self.options.status_interval,
                 )
-            except (ReplicationLost, psycopg.OperationalError) as exc:
+            except (ReplicationLost, psycopg.Error) as exc:
+                if isinstance(exc, psycopg.Error) and not is_connection_error(exc):
+                    error = explain(exc)
+                    await self._stop(error)
+                    raise error from exc
                 self._set_live(False)
                 await self._close_repl()
                 self.applier.abandon_transaction()
@@ -162,10 +170,23 @@ class Consumer:
                 fresh = True
                 await anyio.sleep(backoff.next())
             except ReplicatorError as exc:
-                self.error = str(exc)
-                self._set_live(False)
-                await self._close_repl()
+                await self._stop(exc)
                 raise
+            except Exception as exc:
+                # A defect of ours: say so in one line; the traceback goes to the debug log.
+                logger.debug("unexpected error in the consumer", exc_info=True)
+                error = ReplicatorError(
+                    f"unexpected error: {type(exc).__name__}: {one_line(exc)}"
+                    " (REPLICATOR_LOG_LEVEL=debug logs the traceback)"
+                )
+                await self._stop(error)
+                raise error from exc
+
+    async def _stop(self, error: ReplicatorError) -> None:
+        """Stop streaming for good: ``error`` is what ``/readyz`` reports."""
+        self.error = str(error)
+        self._set_live(False)
+        await self._close_repl()
 
     async def _start_fresh(self) -> None:
         opts = self.options

@@ -16,7 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from replicator.config.settings import Settings, require_jwt_key
-from replicator.errors import ConfigError, ReplicatorError
+from replicator.errors import ConfigError, ReplicatorError, StartupError
 from replicator.fanout.hub import Hub
 from replicator.pipeline.consumer import Consumer, ConsumerOptions, log_progress
 from replicator.runtime.collector import FreezingCollector
@@ -100,7 +100,8 @@ class Service:
             lifespan=self.lifespan,
         )
         self.server: uvicorn.Server | None = None
-        self.exit_code = 0
+        #: why the service stopped before it ever streamed
+        self.startup_error: ReplicatorError | None = None
         self.collector = FreezingCollector()
         self._gc_frozen = False
 
@@ -125,11 +126,14 @@ class Service:
         try:
             await self.consumer.run()
         except ReplicatorError as exc:
-            logger.error("replication stopped: %s", exc)
-            if self.consumer.snapshots == 0 and self.server is not None:
-                # Nothing was ever served: a set-up problem, so exit rather than idle.
-                self.exit_code = 2
-                self.server.should_exit = True
+            if self.consumer.started or self.server is None:
+                # Clients hold counts that were right: keep serving them, /readyz says why not.
+                logger.error("replication stopped: %s", exc)
+                return
+            # Nothing was ever streamed: a set-up problem. Exit (the slot is dropped and an
+            # embedded server stopped on the way out) rather than idle.
+            self.startup_error = exc
+            self.server.should_exit = True
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -253,5 +257,6 @@ def serve(settings: Settings) -> int:
             anyio.run(service.serve, sock, backend_options=event_loop_options())
         finally:
             signal.signal(signal.SIGTERM, previous)
-        return service.exit_code
+        if service.startup_error is not None:
+            raise StartupError(str(service.startup_error))
     return 0
