@@ -175,12 +175,12 @@ class Consumer:
             except Exception as exc:
                 # A defect of ours: say so in one line; the traceback goes to the debug log.
                 logger.debug("unexpected error in the consumer", exc_info=True)
-                error = ReplicatorError(
+                defect = ReplicatorError(
                     f"unexpected error: {type(exc).__name__}: {one_line(exc)}"
                     " (REPLICATOR_LOG_LEVEL=debug logs the traceback)"
                 )
-                await self._stop(error)
-                raise error from exc
+                await self._stop(defect)
+                raise defect from exc
 
     async def _stop(self, error: ReplicatorError) -> None:
         """Stop streaming for good: ``error`` is what ``/readyz`` reports."""
