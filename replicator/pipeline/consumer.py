@@ -58,9 +58,15 @@ class ConsumerOptions:
     slot: str = "replicator"
     publication: str = "badges"
     schema: str = "public"
+    #: seconds between status updates, each asking the server for a keepalive in reply
     status_interval: float = 10.0
-    #: seconds without draining the socket after which the stream no longer counts as caught up
-    caught_up_window: float = 5.0
+    #: seconds without a message from the server (though asked) after which the connection is
+    #: taken for dead and replaced (a server gone without closing it)
+    silence_timeout: float = 60.0
+    #: ready while the last message from the server is at most this old ...
+    ready_silence: float = 25.0
+    #: ... and what is applied is at most this many WAL bytes behind what the server sent
+    ready_lag_bytes: int = 1 << 20
     #: output plugin: pgoutput, or wal2json (format-version 2) on servers that have it
     decoder: str = "pgoutput"
 
@@ -117,10 +123,24 @@ class Consumer:
         return max(0.0, time.time() - pg_time_to_unix(self.applier.last_commit_time))
 
     def caught_up(self) -> bool:
+        return self.live and self.behind() is None
+
+    def behind(self) -> str | None:
+        """Why the live stream does not count as caught up, or None when it does.
+
+        An idle database is caught up: every status update asks the server for a keepalive,
+        which carries its WAL position, so the server is heard from every status interval.
+        """
         repl = self._repl
-        if not self.live or repl is None:
-            return False
-        return time.monotonic() - repl.idle_at < self.options.caught_up_window
+        if repl is None:
+            return "not streaming"
+        silent = time.monotonic() - repl.heard_at
+        if silent > self.options.ready_silence:
+            return f"no message from the server for {silent:.0f} s"
+        lag = self.lag_bytes()
+        if lag > self.options.ready_lag_bytes:
+            return f"applied WAL is {lag} bytes behind what the server sent"
+        return None
 
     def _set_live(self, live: bool) -> None:
         if live != self.live:
@@ -150,6 +170,7 @@ class Consumer:
                     self._on_keepalive,
                     lambda: self.applier.applied_lsn,
                     status_interval=self.options.status_interval,
+                    silence_timeout=self.options.silence_timeout,
                 )
             except (ReplicationLost, psycopg.Error) as exc:
                 if isinstance(exc, psycopg.Error) and not is_connection_error(exc):
@@ -329,6 +350,9 @@ class ConsumerView:
 
     def caught_up(self) -> bool:
         return self._consumer.caught_up()
+
+    def behind(self) -> str | None:
+        return self._consumer.behind()
 
     @property
     def snapshot_seconds(self) -> float:

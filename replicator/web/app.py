@@ -155,8 +155,11 @@ class BadgeApp:
             return JSONResponse({"status": "failed", "error": c.error, **body}, status_code=503)
         if not c.live:
             return JSONResponse({"status": "not streaming", **body}, status_code=503)
-        if not c.caught_up():
-            return JSONResponse({"status": "catching up", **body}, status_code=503)
+        behind = c.behind()
+        if behind is not None:
+            return JSONResponse(
+                {"status": "catching up", "reason": behind, **body}, status_code=503
+            )
         return JSONResponse({"status": "ready", **body})
 
     async def metrics(self, request: Request) -> Response:
