@@ -33,6 +33,9 @@ class Settings:
     send_timeout_s: float = 30.0
     demo_traffic: bool | None = None
     log_level: str = "INFO"
+    header_timeout_s: float = 10.0
+    admin_address: tuple[str, int] | None = None
+    metrics_token: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -58,6 +61,9 @@ ENV: dict[str, str] = {
     "send_timeout_s": "REPLICATOR_SEND_TIMEOUT_S",
     "demo_traffic": "REPLICATOR_DEMO_TRAFFIC",
     "log_level": "REPLICATOR_LOG_LEVEL",
+    "header_timeout_s": "REPLICATOR_HEADER_TIMEOUT_S",
+    "admin_address": "REPLICATOR_ADMIN_ADDRESS",
+    "metrics_token": "REPLICATOR_METRICS_TOKEN",
 }
 
 
@@ -128,7 +134,26 @@ def _parse(key: str, text: str) -> Any:
         return text or None
     if key == "host" and not text:
         raise ConfigError(f"{name}={text!r} is empty")
+    if key == "header_timeout_s":
+        return _float(name, text, 0.1, 3600)
+    if key == "admin_address":
+        return _address(name, text)
+    if key == "metrics_token":
+        if not text.strip() or text != text.strip():
+            raise ConfigError(f"{name} is empty or has surrounding blanks; set a plain token")
+        return text
     return text
+
+
+def _address(name: str, text: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for IPv6); empty means none."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name}={text!r} is not host:port; use for example 127.0.0.1:9090")
+    return host, int(port)
 
 
 def load_settings(

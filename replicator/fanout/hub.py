@@ -188,6 +188,7 @@ class HubStats:
     events_sent: int = 0
     streams_opened: int = 0
     streams_closed: int = 0
+    streams_refused: int = 0
 
 
 class Hub:
@@ -206,6 +207,7 @@ class Hub:
         self._by_user: dict[str, set[Subscriber]] = {}
         self._wheels: dict[float, HeartbeatWheel] = {}
         self._count = 0
+        self._writing = 0
         self._closed = False
         self.stats = HubStats()
 
@@ -221,20 +223,39 @@ class Hub:
     def users_connected(self) -> int:
         return len(self._by_user)
 
+    @property
     def blocked(self) -> int:
-        """Streams in the middle of a write: their clients are not reading (fast enough)."""
-        return sum(1 for subs in self._by_user.values() for s in subs if s.send_deadline)
+        """Streams in the middle of a write: their clients are not reading (fast enough).
+
+        Kept as a count by ``writing``/``written`` so that reading it costs nothing.
+        """
+        return self._writing
+
+    def writing(self, sub: Subscriber, deadline: float) -> None:
+        """``sub`` starts a write that must be done by ``deadline`` (monotonic time)."""
+        if not sub.send_deadline:
+            self._writing += 1
+        sub.send_deadline = deadline
+
+    def written(self, sub: Subscriber) -> None:
+        if sub.send_deadline:
+            self._writing -= 1
+            sub.send_deadline = 0.0
 
     def subscribe(self, user: str) -> Subscriber:
-        if self._closed:
-            raise LimitExceeded("the service is shutting down", 503)
         subs = self._by_user.get(user)
-        if subs is not None and len(subs) >= self.max_per_user:
-            raise LimitExceeded(
+        refusal = None
+        if self._closed:
+            refusal = LimitExceeded("the service is shutting down", 503)
+        elif subs is not None and len(subs) >= self.max_per_user:
+            refusal = LimitExceeded(
                 f"too many open streams for this user (limit {self.max_per_user})", 429
             )
-        if self._count >= self.max_total:
-            raise LimitExceeded(f"too many open streams (limit {self.max_total})", 503)
+        elif self._count >= self.max_total:
+            refusal = LimitExceeded(f"too many open streams (limit {self.max_total})", 503)
+        if refusal is not None:
+            self.stats.streams_refused += 1
+            raise refusal
         if subs is None:
             subs = self._by_user[user] = set()
         sub = Subscriber(user)
@@ -251,6 +272,7 @@ class Hub:
         wheel.add(sub, time.monotonic())
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        self.written(sub)  # a write cut short (abort, shutdown) still counted as going on
         if sub.beat_slot is not None:
             sub.beat_slot.discard(sub)
             sub.beat_slot = None

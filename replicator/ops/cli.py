@@ -33,6 +33,11 @@ _HELP = {
     " stream is closed (default 30)",
     "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
     "log_level": "debug, info, warning or error (default info)",
+    "header_timeout_s": "seconds a connection may take to send complete request headers"
+    " before it is closed (default 10)",
+    "admin_address": "host:port of a second listener for /metrics and the detailed /readyz;"
+    " the main address then has no /metrics and a /readyz of one word (default: none)",
+    "metrics_token": "bearer token that /metrics requires (default: none)",
 }
 
 

@@ -69,11 +69,10 @@ class ReplicationConnection:
         tcp = {k: v for k, v in TCP_OPTIONS.items() if k not in given}
         try:
             conn = await psycopg.AsyncConnection.connect(
-                dsn,
+                psycopg.conninfo.make_conninfo(dsn, **tcp),
                 replication="database",
                 autocommit=True,
                 application_name="replicator",
-                **tcp,
             )
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"cannot open a replication connection: {exc}") from exc

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -60,7 +62,13 @@ def token_from(request: Request) -> str:
 
 
 class BadgeApp:
-    """Routes over one consumer and one hub."""
+    """Routes over one consumer and one hub.
+
+    ``app`` is the public application. ``/metrics`` and the detailed ``/readyz`` tell anyone
+    the schema's problems, user counts and LSNs: with ``ops_elsewhere`` they are served by
+    ``admin_app`` only (a second listener) and the public ``/readyz`` says just its status
+    word; with ``metrics_token``, ``/metrics`` wants it as a bearer token.
+    """
 
     def __init__(
         self,
@@ -71,25 +79,40 @@ class BadgeApp:
         heartbeat: float = 15.0,
         send_timeout: float = 30.0,
         lifespan: Callable[[Starlette], Any] | None = None,
+        collectors: Sequence[Collector] = (),
+        ops_elsewhere: bool = False,
+        metrics_token: str | None = None,
     ) -> None:
         self.consumer = consumer
         self.hub = hub
         self.verifier = verifier
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
-        self.registry = registry_for(consumer, hub)
+        self.registry = registry_for(consumer, hub, *collectors)
+        self._metrics_token = metrics_token.encode() if metrics_token else None
+        ops = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+        if ops_elsewhere:
+            public_ops = [
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz_brief, methods=["GET"]),
+            ]
+        else:
+            public_ops = ops
         routes = [
             Route("/v1/badges/stream", self._guard(self.stream), methods=["GET"]),
             Route("/v1/badges", self._guard(self.badges), methods=["GET"]),
             Route("/v1/admin/badges", self._guard(self.all_badges), methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-            Route("/metrics", self.metrics, methods=["GET"]),
+            *public_ops,
             Route("/", self.index, methods=["GET"]),
             Route("/badges.js", self.client_js, methods=["GET"]),
             Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, lifespan=lifespan)
+        self.admin_app = Starlette(routes=ops)
 
     def _guard(
         self, handler: Callable[[Request, Identity], Awaitable[Response]]
@@ -144,7 +167,7 @@ class BadgeApp:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(self, request: Request) -> Response:
+    def readiness(self) -> tuple[int, dict[str, object]]:
         c = self.consumer
         body: dict[str, object] = {
             "live": c.live,
@@ -152,17 +175,34 @@ class BadgeApp:
             "lag_bytes": c.lag_bytes(),
         }
         if c.error:
-            return JSONResponse({"status": "failed", "error": c.error, **body}, status_code=503)
+            return 503, {"status": "failed", "error": c.error, **body}
         if not c.live:
-            return JSONResponse({"status": "not streaming", **body}, status_code=503)
+            return 503, {"status": "not streaming", **body}
         behind = c.behind()
         if behind is not None:
-            return JSONResponse(
-                {"status": "catching up", "reason": behind, **body}, status_code=503
-            )
-        return JSONResponse({"status": "ready", **body})
+            return 503, {"status": "catching up", "reason": behind, **body}
+        return 200, {"status": "ready", **body}
+
+    async def readyz(self, request: Request) -> Response:
+        status, body = self.readiness()
+        return JSONResponse(body, status_code=status)
+
+    async def readyz_brief(self, request: Request) -> Response:
+        status, body = self.readiness()
+        return JSONResponse({"status": body["status"]}, status_code=status)
 
     async def metrics(self, request: Request) -> Response:
+        if self._metrics_token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self._metrics_token
+            ):
+                return error(
+                    401,
+                    "unauthorized",
+                    "/metrics needs Authorization: Bearer <REPLICATOR_METRICS_TOKEN>",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
         return Response(render(self.registry), media_type="text/plain; version=0.0.4")
 
     async def index(self, request: Request) -> Response:

@@ -1,4 +1,8 @@
-"""Prometheus metrics, read from the consumer and the hub at scrape time (no per-event cost)."""
+"""Prometheus metrics, read from the consumer and the hub at scrape time (no per-event cost).
+
+Every value is a counter or a length kept as things happen, so a scrape costs the same with
+ten thousand open streams as with ten.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ class ReplicatorCollector(Collector):
         c, h = self.consumer, self.hub
         yield GaugeMetricFamily(
             "replicator_replication_live", "1 while the replication stream is up", c.live
+        )
+        yield GaugeMetricFamily(
+            "replicator_replication_failed",
+            "1 once replication stopped on an error that needs a fix (see /readyz)",
+            c.error is not None,
         )
         yield GaugeMetricFamily(
             "replicator_replication_lag_bytes",
@@ -70,10 +79,13 @@ class ReplicatorCollector(Collector):
         yield GaugeMetricFamily(
             "replicator_streams_blocked",
             "open streams waiting on a client that does not read",
-            h.blocked(),
+            h.blocked,
         )
-        yield GaugeMetricFamily(
-            "replicator_tasks", "tasks alive in the event loop", len(asyncio.all_tasks())
+        yield GaugeMetricFamily("replicator_tasks", "tasks alive in the event loop", task_count())
+        yield CounterMetricFamily(
+            "replicator_streams_refused",
+            "streams refused at a stream limit (429 per user, 503 in all) or at shutdown",
+            h.stats.streams_refused,
         )
         yield GaugeMetricFamily(
             "replicator_users_connected", "users with at least one open stream", h.users_connected
@@ -86,9 +98,21 @@ class ReplicatorCollector(Collector):
         )
 
 
-def registry_for(consumer: ConsumerView, hub: Hub) -> CollectorRegistry:
+def task_count() -> int:
+    """Tasks alive, without building the set ``asyncio.all_tasks()`` makes of all of them."""
+    registry = getattr(asyncio.tasks, "_all_tasks", None)  # a WeakSet on CPython 3.11
+    if registry is None:
+        registry = getattr(asyncio.tasks, "_scheduled_tasks", None)  # 3.12 and later
+    if registry is None:
+        return len(asyncio.all_tasks())
+    return len(registry)
+
+
+def registry_for(consumer: ConsumerView, hub: Hub, *extra: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ReplicatorCollector(consumer, hub))
+    for collector in extra:
+        registry.register(collector)
     # resident memory, CPU seconds and open file descriptors of this process
     ProcessCollector(registry=registry)
     return registry
