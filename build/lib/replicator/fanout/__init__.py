@@ -1,0 +1,1 @@
+"""Fan-out of badge states to open streams."""

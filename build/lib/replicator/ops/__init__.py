@@ -1,0 +1,1 @@
+"""The commands besides serve: migrate, doctor, verify, token, and the demo data."""

@@ -1,0 +1,137 @@
+"""Command line: argument parsing -> Settings -> run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from replicator import __version__
+from replicator.config.settings import ENV, Settings, load_settings
+from replicator.errors import ReplicatorError, StartupError
+
+logger = logging.getLogger("replicator")
+
+_HELP = {
+    "database_url": "PostgreSQL URL; without it, serve runs the embedded PostgreSQL",
+    "host": "address to listen on (default 127.0.0.1)",
+    "port": "port to listen on (default 8080; 0 picks a free one)",
+    "jwt_secret": "HS256 secret that signs user tokens",
+    "jwt_public_key": "PEM public key (or a path to one) for RS256/ES256 tokens",
+    "jwt_audience": "required token audience (default authenticated)",
+    "slot": "replication slot name (default replicator)",
+    "publication": "publication name (default badges)",
+    "schema": "schema of the messages and calls tables (default public)",
+    "decoder": "logical decoding plugin: pgoutput (default) or wal2json",
+    "data_dir": "where the embedded default keeps its files (default .replicator)",
+    "max_streams_per_user": "open streams allowed per user (default 10)",
+    "max_streams": "open streams allowed in total (default 20000)",
+    "heartbeat_s": "seconds between comment lines on idle streams (default 15)",
+    "send_timeout_s": "seconds a write to a client that stopped reading may take before its"
+    " stream is closed (default 30)",
+    "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
+    "log_level": "debug, info, warning or error (default info)",
+}
+
+
+def _add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(
+            flag, dest=key, default=None, metavar=ENV[key], help=f"{_HELP[key]} [env {ENV[key]}]"
+        )
+
+
+_CONNECTION = ("database_url", "slot", "publication", "schema", "log_level")
+_SERVE = tuple(ENV)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicator",
+        description="Live unread-message and missed-call badges from PostgreSQL, over SSE.",
+    )
+    parser.add_argument("--version", action="version", version=f"replicator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service (embedded PostgreSQL without a URL)")
+    _add_settings(serve, _SERVE)
+
+    migrate = sub.add_parser("migrate", help="apply the sql/ migrations (safe to run again)")
+    _add_settings(migrate, ("database_url", "data_dir", "log_level"))
+
+    doctor = sub.add_parser("doctor", help="check a database against the production checklist")
+    _add_settings(doctor, (*_CONNECTION, "data_dir"))
+
+    verify = sub.add_parser("verify", help="compare a running service's counts with the database")
+    _add_settings(verify, (*_CONNECTION, "data_dir", "jwt_secret", "jwt_audience"))
+    verify.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080",
+        help="base URL of the running service (default http://127.0.0.1:8080)",
+    )
+
+    token = sub.add_parser("token", help="print a signed JWT for a user (development and tests)")
+    token.add_argument("user_id", metavar="USER_ID")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=24 * 3600,
+        help="seconds until the token expires (default one day)",
+    )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="a service_role token, which may read every user's badges",
+    )
+    _add_settings(token, ("database_url", "jwt_secret", "jwt_audience", "data_dir"))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {key: getattr(args, key, None) for key in ENV}
+    return load_settings(os.environ, overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("psycopg").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        _setup_logging(settings.log_level)
+        if args.command == "serve":
+            from replicator.runtime.service import serve
+
+            return serve(settings)
+        if args.command == "migrate":
+            from replicator.ops.commands import run_migrate
+
+            return run_migrate(settings)
+        if args.command == "doctor":
+            from replicator.ops.doctor import run_doctor
+
+            return run_doctor(settings)
+        if args.command == "verify":
+            from replicator.ops.verify import run_verify
+
+            return run_verify(settings, args.url)
+        if args.command == "token":
+            from replicator.ops.commands import run_token
+
+            return run_token(settings, args.user_id, ttl=args.ttl, admin=args.admin)
+    except ReplicatorError as exc:
+        print(f"replicator: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, StartupError) else 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

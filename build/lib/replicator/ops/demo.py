@@ -1,0 +1,94 @@
+"""Demo data for the embedded default: a family's users and a slow trickle of changes."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import anyio
+import psycopg
+
+logger = logging.getLogger(__name__)
+
+DEMO_USER = "11111111-1111-4111-8111-111111111111"
+#: the demo user's contacts, by id; the demo page shows these names
+CONTACTS = {
+    "22222222-2222-4222-8222-222222222222": "Mom",
+    "33333333-3333-4333-8333-333333333333": "Dad",
+    "44444444-4444-4444-8444-444444444444": "Grandma",
+    "55555555-5555-4555-8555-555555555555": "Sam",
+}
+_LINES = (
+    "are you home?",
+    "dinner at 7",
+    "call me back",
+    "love you",
+    "where are the keys?",
+    "on my way",
+    "did you feed the cat?",
+    "👍",
+)
+
+
+def seed_demo(dsn: str) -> None:
+    """A few unread messages and a missed call for the demo user, once."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        seeded = conn.execute(
+            "SELECT 1 FROM messages WHERE recipient_id = %s LIMIT 1", (DEMO_USER,)
+        ).fetchone()
+        if seeded:
+            return
+        with conn.transaction():
+            for sender, count in zip(CONTACTS, (2, 1, 0, 3), strict=True):
+                for i in range(count):
+                    conn.execute(
+                        "INSERT INTO messages (sender_id, recipient_id, body) VALUES (%s, %s, %s)",
+                        (sender, DEMO_USER, _LINES[i % len(_LINES)]),
+                    )
+            conn.execute(
+                "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s, 'missed')",
+                (next(iter(CONTACTS)), DEMO_USER),
+            )
+    logger.info("seeded demo data for user %s", DEMO_USER)
+
+
+async def run_demo_traffic(dsn: str, *, interval: float = 2.0, seed: int | None = None) -> None:
+    """Every few seconds: a new message, a read, a missed call or a seen call for the demo user."""
+    rng = random.Random(seed)
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                while True:
+                    await anyio.sleep(interval * rng.uniform(0.5, 1.5))
+                    await _one_change(conn, rng)
+        except psycopg.OperationalError as exc:
+            logger.debug("demo traffic paused: %s", exc)
+            await anyio.sleep(5)
+
+
+async def _one_change(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], rng: random.Random
+) -> None:
+    contact = rng.choice(list(CONTACTS))
+    action = rng.choices(["message", "read", "missed", "seen"], weights=[50, 25, 15, 10])[0]
+    if action == "message":
+        await conn.execute(
+            "INSERT INTO messages (sender_id, recipient_id, body) VALUES (%s, %s, %s)",
+            (contact, DEMO_USER, rng.choice(_LINES)),
+        )
+    elif action == "read":
+        await conn.execute(
+            "UPDATE messages SET read_at = now()"
+            " WHERE recipient_id = %s AND sender_id = %s AND read_at IS NULL",
+            (DEMO_USER, contact),
+        )
+    elif action == "missed":
+        await conn.execute(
+            "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s, 'missed')",
+            (contact, DEMO_USER),
+        )
+    else:
+        await conn.execute(
+            "UPDATE calls SET seen_at = now() WHERE callee_id = %s AND seen_at IS NULL",
+            (DEMO_USER,),
+        )

@@ -1,0 +1,260 @@
+"""The streaming replication connection: the only module that touches libpq's copy-both mode.
+
+psycopg 3 has no replication API. A connection opened with ``replication="database"`` runs
+walsender commands through ``execute``; ``START_REPLICATION`` leaves it in copy-both mode,
+which we drive through ``pgconn``: ``get_copy_data(1)`` until it returns 0, then wait for the
+socket and ``consume_input()``; status updates go out with ``put_copy_data`` and ``flush``.
+Walsender connections accept only the simple query protocol, so commands carry no parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.lowlevel
+import psycopg
+from psycopg import pq, sql
+
+from replicator.errors import (
+    DatabaseSetupError,
+    ProtocolError,
+    ReplicationLost,
+    SlotInUseError,
+    one_line,
+)
+from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.pg.wire import (
+    XLOGDATA_HEADER,
+    XLOGDATA_POSITIONS,
+    Keepalive,
+    parse_keepalive,
+    standby_status,
+)
+
+logger = logging.getLogger(__name__)
+
+_XLOGDATA, _KEEPALIVE = 0x77, 0x6B
+#: how long the reader may hold the event loop before letting other tasks run
+_SLICE_S = 0.01
+#: A server that vanished without closing the connection (power loss, a dropped network
+#: path) is noticed by the kernel: TCP keepalives while nothing is in flight, and a bound on
+#: how long sent data may stay unacknowledged. A DSN's own values win.
+TCP_OPTIONS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+
+class ReplicationConnection:
+    """One walsender connection, from slot creation through copy-both streaming."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        #: the server's WAL end as last reported (XLogData or keepalive)
+        self.server_wal_end = 0
+        #: monotonic time when the last message from the server was read
+        self.heard_at = 0.0
+        self.last_status_at = 0.0
+
+    @classmethod
+    async def open(cls, dsn: str) -> ReplicationConnection:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+        tcp = {k: v for k, v in TCP_OPTIONS.items() if k not in given}
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn,
+                replication="database",
+                autocommit=True,
+                application_name="replicator",
+                **tcp,
+            )
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"cannot open a replication connection: {exc}") from exc
+        return cls(conn)
+
+    @property
+    def server_version(self) -> int:
+        return self._pgconn.server_version
+
+    @property
+    def backend_pid(self) -> int:
+        return self._pgconn.backend_pid
+
+    async def create_slot(self, slot: str, plugin: str) -> tuple[int, str]:
+        """Create a logical slot exporting its snapshot; return (consistent point, snapshot).
+
+        The exported snapshot lives only until this connection runs its next command.
+        """
+        ident = sql.Identifier(slot)
+        if self.server_version >= 150000:
+            query = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')")
+        else:
+            query = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL {} EXPORT_SNAPSHOT")
+        try:
+            cur = await self._conn.execute(query.format(ident, sql.Identifier(plugin)))
+        except psycopg.errors.DuplicateObject as exc:
+            raise SlotInUseError(
+                f"replication slot {slot!r} already exists; another replicator may be using it"
+                " (set REPLICATOR_SLOT to another name)"
+            ) from exc
+        except (psycopg.errors.UndefinedFile, psycopg.errors.InsufficientPrivilege) as exc:
+            # the plugin's library is missing, or the name is not an output plugin
+            raise DatabaseSetupError(
+                f"output plugin {plugin!r} is not available on the server: {one_line(exc)};"
+                + (
+                    " install postgresql-NN-wal2json or use REPLICATOR_DECODER=pgoutput"
+                    if plugin == "wal2json"
+                    else ""
+                )
+            ) from exc
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            raise DatabaseSetupError(f"cannot create replication slot {slot!r}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+        row = await cur.fetchone()
+        assert row is not None
+        _, consistent_point, snapshot, _ = row
+        return parse_lsn(str(consistent_point)), str(snapshot)
+
+    async def start(self, slot: str, lsn: int, options: dict[str, str]) -> None:
+        opts = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
+        )
+        query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(slot), sql.SQL(format_lsn(lsn)), opts
+        )
+        try:
+            await self._conn.execute(query)
+        except psycopg.errors.ObjectInUse as exc:
+            raise SlotInUseError(
+                f"replication slot {slot!r} is in use by another process: {exc}".rstrip()
+                + "; is another replicator running? set REPLICATOR_SLOT to another name"
+            ) from exc
+        except psycopg.errors.UndefinedObject as exc:
+            raise DatabaseSetupError(f"cannot stream from slot {slot!r}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+        if self._pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
+            raise ReplicationLost("the server closed the connection at START_REPLICATION")
+        self.last_status_at = self.heard_at = time.monotonic()
+
+    async def stream(
+        self,
+        on_xlogdata: Callable[[memoryview, int], None],
+        on_keepalive: Callable[[Keepalive], None],
+        feedback_lsn: Callable[[], int],
+        *,
+        status_interval: float = 10.0,
+        silence_timeout: float = 60.0,
+    ) -> None:
+        """Read copy-both messages until the connection breaks (``ReplicationLost``).
+
+        ``on_xlogdata(payload, wal_start)`` gets each pgoutput message. Status updates carry
+        ``feedback_lsn()``; they go out at once when the server asks, and at least every
+        ``status_interval`` seconds, each asking the server for a keepalive in reply: so even
+        an idle server says something every ``status_interval``, and one that has said nothing
+        for ``silence_timeout`` seconds is taken for gone (a half-open connection).
+        """
+        pgconn = self._pgconn
+        get_copy_data = pgconn.get_copy_data
+        consume_input = pgconn.consume_input
+        unpack_positions = XLOGDATA_POSITIONS.unpack_from
+        monotonic = time.monotonic
+        fd = pgconn.socket
+        while True:
+            slice_end = monotonic() + _SLICE_S
+            count = 0
+            polled = False
+            while True:
+                try:
+                    nbytes, data = get_copy_data(1)
+                except psycopg.Error as exc:
+                    raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                if nbytes > 0:
+                    tag = data[0]
+                    if tag == _XLOGDATA:
+                        if nbytes < XLOGDATA_HEADER:
+                            raise ProtocolError(f"XLogData message of {nbytes} bytes is too short")
+                        start, end = unpack_positions(data, 1)
+                        self.server_wal_end = end
+                        on_xlogdata(data[XLOGDATA_HEADER:], start)
+                    elif tag == _KEEPALIVE:
+                        keepalive = parse_keepalive(data)
+                        if keepalive.wal_end > self.server_wal_end:
+                            self.server_wal_end = keepalive.wal_end
+                        on_keepalive(keepalive)
+                        if keepalive.reply_requested:
+                            await self.send_status(feedback_lsn())
+                    else:
+                        raise ProtocolError(
+                            f"unknown copy-both message type {tag:#04x} ({chr(tag)!r})"
+                            f" after {format_lsn(self.server_wal_end)}"
+                        )
+                    polled = False
+                    count += 1
+                    if count & 127 == 0 and monotonic() > slice_end:
+                        self.heard_at = slice_end
+                        break
+                elif nbytes == 0:
+                    if not polled:
+                        # While the server sends faster than we read, the socket holds more
+                        # already: read it without a round trip through the event loop.
+                        polled = True
+                        try:
+                            consume_input()
+                        except psycopg.Error as exc:
+                            raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                        continue
+                    polled = False
+                    now = monotonic()
+                    if count:
+                        self.heard_at, count = now, 0
+                    elif now - self.heard_at > silence_timeout:
+                        raise ReplicationLost(
+                            f"no message from the server in {now - self.heard_at:.0f} s"
+                            " although asked for one; the connection is taken for dead"
+                        )
+                    wait = min(
+                        self.last_status_at + status_interval, self.heard_at + silence_timeout
+                    )
+                    if wait > now:
+                        with anyio.move_on_after(wait - now):
+                            await anyio.wait_readable(fd)
+                    try:
+                        consume_input()
+                    except psycopg.Error as exc:
+                        raise ReplicationLost(f"replication stream broke: {exc}") from exc
+                    if monotonic() - self.last_status_at >= status_interval:
+                        await self.send_status(feedback_lsn(), reply=True)
+                    slice_end = monotonic() + _SLICE_S
+                else:
+                    message = pgconn.error_message.decode(errors="replace").strip()
+                    raise ReplicationLost(
+                        f"replication stream ended: {message or 'the server ended the copy'}"
+                    )
+            await anyio.lowlevel.checkpoint()
+            if monotonic() - self.last_status_at >= status_interval:
+                await self.send_status(feedback_lsn(), reply=True)
+
+    async def send_status(self, lsn: int, *, reply: bool = False) -> None:
+        """Confirm ``lsn`` as written, flushed and applied; ``reply`` asks for a keepalive."""
+        pgconn = self._pgconn
+        try:
+            while not pgconn.put_copy_data(standby_status(lsn, reply_requested=reply)):
+                await anyio.wait_writable(pgconn.socket)
+            while pgconn.flush():
+                await anyio.wait_writable(pgconn.socket)
+        except psycopg.Error as exc:
+            raise ReplicationLost(f"sending a status update failed: {exc}") from exc
+        self.last_status_at = time.monotonic()
+        logger.debug("confirmed %s", format_lsn(lsn))
+
+    async def close(self) -> None:
+        await self._conn.close()

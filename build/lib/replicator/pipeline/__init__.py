@@ -1,0 +1,1 @@
+"""The replication pipeline: snapshot at start-up, then the stream, reconnects and shutdown."""

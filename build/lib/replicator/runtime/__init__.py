@@ -1,0 +1,1 @@
+"""The process: uvicorn, the embedded PostgreSQL, local clusters and the collector policy."""

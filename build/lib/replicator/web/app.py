@@ -1,0 +1,180 @@
+"""The Starlette app: badge stream and snapshot, health, metrics, the demo page and client."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_status_event
+from replicator.ops.demo import CONTACTS
+from replicator.pg.lsn import format_lsn
+from replicator.web.auth import AuthError, Identity, TokenVerifier
+from replicator.web.metrics import registry_for, render
+from replicator.web.stream import BadgeStreamResponse
+
+if TYPE_CHECKING:
+    from replicator.pipeline.consumer import ConsumerView
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_QUERY_LENGTH = 4096
+
+
+def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def unauthorized(message: str) -> JSONResponse:
+    return error(
+        401,
+        "unauthorized",
+        message,
+        **{"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
+
+
+def token_from(request: Request) -> str:
+    """The bearer token from the Authorization header, the query string or the cookie."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization header is not 'Bearer <token>'")
+        return token.strip()
+    found = request.query_params.get("access_token") or request.cookies.get("access_token")
+    if not found:
+        raise AuthError(
+            "missing token: send Authorization: Bearer <token>, ?access_token= or"
+            " the access_token cookie"
+        )
+    return found
+
+
+class BadgeApp:
+    """Routes over one consumer and one hub."""
+
+    def __init__(
+        self,
+        consumer: ConsumerView,
+        hub: Hub,
+        verifier: TokenVerifier,
+        *,
+        heartbeat: float = 15.0,
+        send_timeout: float = 30.0,
+        lifespan: Callable[[Starlette], Any] | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.hub = hub
+        self.verifier = verifier
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self.registry = registry_for(consumer, hub)
+        routes = [
+            Route("/v1/badges/stream", self._guard(self.stream), methods=["GET"]),
+            Route("/v1/badges", self._guard(self.badges), methods=["GET"]),
+            Route("/v1/admin/badges", self._guard(self.all_badges), methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/", self.index, methods=["GET"]),
+            Route("/badges.js", self.client_js, methods=["GET"]),
+            Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes, lifespan=lifespan)
+
+    def _guard(
+        self, handler: Callable[[Request, Identity], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if len(request.url.query) > MAX_QUERY_LENGTH:
+                return error(414, "uri_too_long", f"query string over {MAX_QUERY_LENGTH} bytes")
+            try:
+                identity = self.verifier.verify(token_from(request))
+            except AuthError as exc:
+                return unauthorized(str(exc))
+            return await handler(request, identity)
+
+        return endpoint
+
+    async def stream(self, request: Request, identity: Identity) -> Response:
+        try:
+            sub = self.hub.subscribe(identity.user_id)
+        except LimitExceeded as exc:
+            return error(exc.status_code, "too_many_streams", str(exc))
+        first = self.hub.current_event(identity.user_id)
+        if not self.consumer.live:
+            # Counts shown before the stream is up may be stale: say so from the start.
+            first = self.status_event() + first
+        return BadgeStreamResponse(
+            self.hub, sub, first, heartbeat=self.heartbeat, send_timeout=self.send_timeout
+        )
+
+    def status_event(self) -> bytes:
+        return encode_status_event(self.consumer.live, int(self.consumer.lag_seconds() * 1000))
+
+    async def badges(self, request: Request, identity: Identity) -> Response:
+        payload = badges_payload(identity.user_id, self.hub.state)
+        return JSONResponse(payload, headers={"Cache-Control": "no-store"})
+
+    async def all_badges(self, request: Request, identity: Identity) -> Response:
+        if not identity.admin:
+            return error(403, "forbidden", "this needs a service_role token")
+        state = self.consumer.state
+        users = {
+            user: {"unread_messages": counts[0], "missed_calls": counts[1]}
+            for user, counts in state.users.items()
+        }
+        body = {
+            "lsn": format_lsn(state.lsn),
+            "applied_lsn": format_lsn(self.consumer.applied_lsn),
+            "live": self.consumer.live,
+            "users": users,
+        }
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        c = self.consumer
+        body: dict[str, object] = {
+            "live": c.live,
+            "applied_lsn": format_lsn(c.applied_lsn),
+            "lag_bytes": c.lag_bytes(),
+        }
+        if c.error:
+            return JSONResponse({"status": "failed", "error": c.error, **body}, status_code=503)
+        if not c.live:
+            return JSONResponse({"status": "not streaming", **body}, status_code=503)
+        behind = c.behind()
+        if behind is not None:
+            return JSONResponse(
+                {"status": "catching up", "reason": behind, **body}, status_code=503
+            )
+        return JSONResponse({"status": "ready", **body})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(render(self.registry), media_type="text/plain; version=0.0.4")
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def client_js(self, request: Request) -> Response:
+        return FileResponse(
+            STATIC / "badges.js",
+            media_type="text/javascript",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def demo_contacts(self, request: Request) -> Response:
+        """The demo contacts' names by user id, for the demo page."""
+        return JSONResponse(CONTACTS)

@@ -1,0 +1,121 @@
+"""The badge event stream: one ASGI response per open stream, kept as small as it can be.
+
+What an idle stream costs is what it keeps while suspended, times ten thousand. So a stream
+is the request's own task waiting on one future, plus one small task that waits for the
+client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
+heartbeat wheel flags heartbeats, and also drops a stream whose send has overstayed
+``send_timeout`` (the client stopped reading) the next time it looks at the stream, which
+is at most a sixteenth of the heartbeat interval later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import monotonic
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from replicator.fanout.hub import HEARTBEAT, Hub, Subscriber
+
+RETRY_MS = 2000
+#: sent ahead of the first event, inside its block
+RETRY: bytes = ServerSentEvent(retry=RETRY_MS, sep="\n").encode()[:-1]
+
+#: the same for every stream, so shared rather than built per response
+RAW_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+]
+START: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": RAW_HEADERS}
+END: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class BadgeStreamResponse(Response):
+    """``text/event-stream`` of the user's state: all of it at once, then each newer state.
+
+    Ends when the client hangs up, when the hub closes the stream (shutdown), or when a send
+    has not completed within ``send_timeout`` seconds.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        hub: Hub,
+        sub: Subscriber,
+        first: bytes,
+        *,
+        heartbeat: float,
+        send_timeout: float,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = RAW_HEADERS
+        self._hub = hub
+        self._sub = sub
+        self._first = first
+        self._heartbeat = heartbeat
+        self._send_timeout = send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub, sub = self._hub, self._sub
+        try:
+            if scope["method"] == "HEAD":
+                await send(START)
+                await send(END)
+                return
+            listener = asyncio.get_running_loop().create_task(until_disconnect(receive))
+            listener.add_done_callback(sub.close)
+            try:
+                sub.task = asyncio.current_task()
+                hub.beat(sub, self._heartbeat)
+                await send(START)
+                await self._stream(send)
+            finally:
+                listener.cancel()
+        except asyncio.CancelledError:
+            if not sub.aborted:
+                raise
+            # Ours, from the heartbeat wheel: the client stopped reading, so end its stream.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except OSError:
+            pass  # the client went away mid-send
+        finally:
+            hub.unsubscribe(sub)
+
+    async def _stream(self, send: Send) -> None:
+        sub, stats, timeout = self._sub, self._hub.stats, self._send_timeout
+        first, self._first = RETRY + self._first, b""
+        sub.send_deadline = monotonic() + timeout
+        # Not counted as the stream's last write: its first heartbeat keeps the random
+        # phase the wheel gave it.
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        sub.send_deadline = 0.0
+        stats.events_sent += 1
+        while True:
+            data = sub.take()
+            if data is None:
+                if sub.closed:
+                    break
+                await sub.wait()
+                continue
+            now = monotonic()
+            sub.send_deadline = now + timeout
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            sub.send_deadline = 0.0
+            sub.last_sent = now
+            if data is not HEARTBEAT:
+                stats.events_sent += 1
+        await send(END)
