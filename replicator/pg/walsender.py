@@ -26,6 +26,7 @@ from replicator.errors import (
     one_line,
 )
 from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.pg.retry import is_connection_error
 from replicator.pg.wire import (
     XLOGDATA_HEADER,
     XLOGDATA_POSITIONS,
@@ -116,7 +117,12 @@ class ReplicationConnection:
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             raise DatabaseSetupError(f"cannot create replication slot {slot!r}: {exc}") from exc
         except psycopg.OperationalError as exc:
-            raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+            if is_connection_error(exc):
+                raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+            raise DatabaseSetupError(
+                f"cannot create replication slot {slot!r}: {one_line(exc)}"
+                f" (SQLSTATE {exc.sqlstate}); `replicator doctor` checks the set-up"
+            ) from exc
         row = await cur.fetchone()
         assert row is not None
         _, consistent_point, snapshot, _ = row
@@ -139,7 +145,11 @@ class ReplicationConnection:
         except psycopg.errors.UndefinedObject as exc:
             raise DatabaseSetupError(f"cannot stream from slot {slot!r}: {exc}") from exc
         except psycopg.OperationalError as exc:
-            raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+            if is_connection_error(exc):
+                raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+            raise DatabaseSetupError(
+                f"cannot stream from slot {slot!r}: {one_line(exc)} (SQLSTATE {exc.sqlstate})"
+            ) from exc
         if self._pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
             raise ReplicationLost("the server closed the connection at START_REPLICATION")
         self.last_status_at = self.heard_at = time.monotonic()

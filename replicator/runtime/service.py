@@ -269,7 +269,7 @@ def connection_cap(settings: Settings, open_files: int) -> int:
     open-files limit, so a flood meets a 503 rather than an accept loop out of files."""
     wanted = settings.max_streams + 1000
     cap = max(16, open_files - RESERVED_FILES)
-    if cap < wanted:
+    if cap < settings.max_streams:
         logger.warning(
             "the open-files limit (%d) allows %d connections, fewer than"
             " REPLICATOR_MAX_STREAMS=%d needs; raise it (ulimit -n) to serve more",
