@@ -1,1 +1,0 @@
-"""Configuration: settings from the environment and the command line."""

@@ -1,1 +1,0 @@
-"""Fan-out of badge states to open streams."""

@@ -1,1 +1,0 @@
-"""The commands besides serve: migrate, doctor, verify, token, and the demo data."""

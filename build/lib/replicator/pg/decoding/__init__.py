@@ -1,1 +1,0 @@
-"""Pure decoders of logical decoding output plugins: bytes in, changes out, no I/O."""

@@ -1,1 +1,0 @@
-"""The replication pipeline: snapshot at start-up, then the stream, reconnects and shutdown."""

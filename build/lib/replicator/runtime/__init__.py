@@ -1,1 +1,0 @@
-"""The process: uvicorn, the embedded PostgreSQL, local clusters and the collector policy."""

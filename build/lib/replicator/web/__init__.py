@@ -1,1 +1,0 @@
-"""The HTTP layer: routes, the SSE response, authentication, metrics and the static client."""
