@@ -179,6 +179,7 @@ class Service:
                 tg.start_soon(self.hub.run)
                 tg.start_soon(self.collector.run)
                 tg.start_soon(self.monitor.run)
+                tg.start_soon(self._count_open_files)
                 if self.demo_traffic:
                     from replicator.ops.demo import run_demo_traffic
 
@@ -192,6 +193,13 @@ class Service:
         finally:
             with anyio.move_on_after(5, shield=True):
                 await self.pool.close()
+
+    async def _count_open_files(self, interval: float = 2.0) -> None:
+        """Keep the open-files metric fresh off the event loop (listing /proc/self/fd
+        takes time per open connection, so a scrape never does it)."""
+        while True:
+            await anyio.sleep(interval)
+            await anyio.to_thread.run_sync(self.web.process.count_open_files)
 
     def config(self, sock: socket.socket, **overrides: Any) -> uvicorn.Config:
         options: dict[str, Any] = {

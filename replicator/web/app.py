@@ -19,7 +19,7 @@ from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_sta
 from replicator.ops.demo import CONTACTS
 from replicator.pg.lsn import format_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
-from replicator.web.metrics import registry_for, render
+from replicator.web.metrics import ProcessMetrics, registry_for, render
 from replicator.web.stream import BadgeStreamResponse
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ class BadgeApp:
         self.verifier = verifier
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
-        self.registry = registry_for(consumer, hub, *collectors)
+        #: resident memory, CPU seconds and open file descriptors of this process
+        self.process = ProcessMetrics()
+        self.registry = registry_for(consumer, hub, self.process, *collectors)
         self._metrics_token = metrics_token.encode() if metrics_token else None
         ops = [
             Route("/healthz", self.healthz, methods=["GET"]),
