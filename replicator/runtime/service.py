@@ -195,8 +195,8 @@ class Service:
                 await self.pool.close()
 
     async def _count_open_files(self, interval: float = 2.0) -> None:
-        """Keep the open-files metric fresh off the event loop (listing /proc/self/fd
-        takes time per open connection, so a scrape never does it)."""
+        """Keep the open-files metric fresh off the event loop: listing /proc/self/fd takes
+        time per open connection, so a scrape lists it only while it is short."""
         while True:
             await anyio.sleep(interval)
             await anyio.to_thread.run_sync(self.web.process.count_open_files)
