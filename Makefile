@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/replicator serve
 
 # Debian packages the tests drive: Chromium for the browser tests, the PostgreSQL 15 server
-# (the second version under test) and its wal2json plugin.
+# (the second version under test) and its wal2json plugin, promtool (Debian's prometheus).
 system-deps:
 	@scripts/system-deps.sh
 
@@ -50,5 +50,9 @@ psql:
 token: $(STAMP)
 	@$(BIN)/replicator token $(or $(USER_ID),11111111-1111-1111-1111-111111111111)
 
+# The embedded cluster lives under /var/lib/replicator when its server user cannot reach
+# .replicator (a clone under /root); PostgresCluster.remove stops it and deletes it there too.
 clean:
+	-test ! -d .replicator/pgdata -a ! -f .replicator/pgdata.location || $(BIN)/python -c \
+	  'from pathlib import Path; from replicator.runtime.cluster import PostgresCluster, embedded_bindir; PostgresCluster(embedded_bindir(), Path(".replicator/pgdata")).remove()'
 	rm -rf $(VENV) .replicator .pytest_cache .mypy_cache .ruff_cache

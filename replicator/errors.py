@@ -16,8 +16,9 @@
     ├── ReplicationLost      the replication connection broke; the caller may reconnect
     ├── StartAfresh          the stream cannot be followed past here; take a new snapshot
     │   └── SlotMissing      our slot is gone, invalidated, or not ours any more
-    └── NeedsCatalog         a change names a relation or DDL the stream alone cannot place;
-                             the consumer looks it up in the catalog and feeds it again
+    ├── NeedsCatalog         a change names a relation or DDL the stream alone cannot place;
+    │                        the consumer looks it up in the catalog and feeds it again
+    └── StartupError         ``serve`` could not start streaming (exit code 1)
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class NeedsCatalog(ReplicatorError):
         self.payload: bytes = b""
         self.lsn = 0
         self.again = relation is not None
+
+
+class StartupError(ReplicatorError):
+    """``serve`` stopped before it ever streamed; the message says why and how to fix it."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -5,6 +5,8 @@ need=""
 [ -x /usr/bin/chromium ] || need="$need chromium"
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$need postgresql-15"
 ls /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1 || need="$need postgresql-15-wal2json"
+# promtool checks the alert rules in docker/ against a real scrape
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "system-deps: missing Debian packages:$need; install them with: sudo apt-get install -y$need" >&2

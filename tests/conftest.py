@@ -73,6 +73,16 @@ class Server:
         return psycopg.conninfo.make_conninfo(**conninfo)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_cluster_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A cluster placed under /var/lib/replicator for a data directory in a test's tmp_path
+    (mode 700, out of the server user's reach) goes when the session ends, whatever the test
+    did; the pointer file beside the data directory says where it is."""
+    yield
+    for location in tmp_path_factory.getbasetemp().rglob("*.location"):
+        PostgresCluster(embedded_bindir(), location.with_suffix("")).remove()
+
+
 @pytest.fixture(scope="session")
 def tmp_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="replicator-tests-"))
@@ -89,7 +99,7 @@ def _start_cluster(kind: str, bindir: Path, root: Path) -> Iterator[Server]:
             version = conn.info.server_version // 10000
         yield Server(kind, cluster.dsn(), cluster, version)
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +217,7 @@ def wal2json_server(tmp_root: Path) -> Iterator[Server]:
             pytest.fail(f"{MISSING} ({problem})")
         yield Server("wal2json", cluster.dsn(), cluster, cluster.version)
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,8 @@ class RunningService:
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     secret: str = SECRET
+    #: reads the process's output into ``lines``; joined by ``stop`` so the log is whole
+    reader: threading.Thread | None = None
 
     def token(self, user: str, **kwargs: Any) -> str:
         return mint_token(self.secret, user, **kwargs)
@@ -52,13 +54,18 @@ class RunningService:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
             raise AssertionError(
                 f"service did not exit within {timeout} s of signal {sig}"
             ) from None
+        finally:
+            # the process has exited: its output ends, and so does the reader
+            if self.reader is not None:
+                self.reader.join(10)
+        return code
 
 
 def _pump(stream: Any, lines: list[str], found: threading.Event, port: list[int]) -> None:
@@ -79,6 +86,8 @@ def start_service(
     args: list[str] | None = None,
     wait_ready: bool = True,
     timeout: float = 60,
+    command: list[str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RunningService:
     environ = {
         **os.environ,
@@ -91,21 +100,23 @@ def start_service(
         **(env or {}),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "replicator", "serve", *(args or [])],
+        [*(command or [sys.executable, "-m", "replicator"]), "serve", *(args or [])],
         env=environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=preexec_fn,
     )
     lines: list[str] = []
     found = threading.Event()
     port: list[int] = []
     assert process.stdout is not None
-    threading.Thread(target=_pump, args=(process.stdout, lines, found, port), daemon=True).start()
+    reader = threading.Thread(target=_pump, args=(process.stdout, lines, found, port), daemon=True)
+    reader.start()
     if not found.wait(timeout) or not port:
         process.kill()
         raise AssertionError("service did not start:\n" + "\n".join(lines))
-    service = RunningService(f"http://127.0.0.1:{port[0]}", process, lines)
+    service = RunningService(f"http://127.0.0.1:{port[0]}", process, lines, reader=reader)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -202,9 +202,10 @@ def test_inactive_slots_holding_wal(database: Database) -> None:
 
 def test_role_that_may_not_replicate(database: Database) -> None:
     role = "doctor_" + uuid.uuid4().hex[:10]
-    sql(database.dsn, f"CREATE ROLE {role} LOGIN")
+    sql(database.dsn, f"CREATE ROLE {role} LOGIN PASSWORD 'doctor-pw'")
     conninfo = psycopg.conninfo.conninfo_to_dict(database.dsn)
     conninfo["user"] = role
+    conninfo["password"] = "doctor-pw"
     dsn = psycopg.conninfo.make_conninfo(**conninfo)  # type: ignore[arg-type]
     try:
         result = checks(dsn, database.slot)
@@ -246,7 +247,7 @@ def replica_cluster(tmp_path: Path) -> Iterator[PostgresCluster]:
     try:
         yield cluster
     finally:
-        cluster.stop("immediate")
+        cluster.remove()
 
 
 def test_server_not_set_up_for_logical_replication(replica_cluster: PostgresCluster) -> None:
@@ -303,7 +304,10 @@ def test_embedded_default(tmp_path: Path) -> None:
     assert not cluster.is_running(), "doctor left the server it started running"
 
     # A server already running there (a `replicator serve`) is checked and left running.
-    with embedded_database(data_dir) as db:
-        run = doctor(REPLICATOR_DATA_DIR=str(data_dir))
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert db.cluster.is_running()
+    try:
+        with embedded_database(data_dir) as db:
+            run = doctor(REPLICATOR_DATA_DIR=str(data_dir))
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert db.cluster.is_running()
+    finally:
+        cluster.remove()

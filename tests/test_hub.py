@@ -222,3 +222,33 @@ def test_shares_per_user_address_anonymous_and_the_reserve() -> None:
         "capacity": 1,
         "shutdown": 1,
     }
+
+
+def test_blocked_streams_are_counted_as_writes_start_and_end() -> None:
+    hub = Hub(BadgeState, max_per_user=1, max_total=3)
+    subs = [hub.subscribe(f"u{i}") for i in range(3)]
+    hub.writing(subs[0], 5.0)
+    hub.writing(subs[1], 5.0)
+    hub.writing(subs[1], 6.0)  # the same stream's next write
+    assert hub.blocked == 2
+    hub.written(subs[0])
+    hub.written(subs[0])
+    assert hub.blocked == 1
+    hub.unsubscribe(subs[1])  # its write was cut short (client gone, stream aborted)
+    assert hub.blocked == 0
+
+
+def test_refused_streams_are_counted() -> None:
+    hub = Hub(BadgeState, max_per_user=1, max_total=2)
+    hub.subscribe("a")
+    with pytest.raises(LimitExceeded) as per_user:
+        hub.subscribe("a")
+    assert per_user.value.status_code == 429
+    hub.subscribe("b")
+    with pytest.raises(LimitExceeded) as total:
+        hub.subscribe("c")
+    assert total.value.status_code == 503
+    hub.close()
+    with pytest.raises(LimitExceeded):
+        hub.subscribe("d")
+    assert sum(hub.stats.refused.values()) == 3

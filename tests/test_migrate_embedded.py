@@ -175,3 +175,34 @@ def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
     finally:
         assert second.stop() == 0
     assert not cluster.is_running()
+
+    # A badge column renamed while the service was stopped: the next start exits with one
+    # line and code 1, and stops the server it started.
+    try:
+        cluster.start()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("ALTER TABLE calls RENAME COLUMN seen_at TO seen")
+        cluster.stop()
+        failed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "replicator",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert failed.returncode == 1, failed.stderr
+        assert "Traceback" not in failed.stderr
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("replicator: the database refused the badge queries"), last
+        assert 'column "seen_at" does not exist' in last
+        assert not cluster.is_running(), "the embedded server must stop with the service"
+    finally:
+        cluster.remove()

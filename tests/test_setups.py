@@ -213,10 +213,14 @@ def service_role(database: Database, *attributes: str) -> Iterator[str]:
     """A login role that may replicate and read the badge tables, as a service would run."""
     role = f"svc_{database.name}"
     with psycopg.connect(database.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION {' '.join(attributes)}".encode())
+        conn.execute(
+            f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'svc-pw' {' '.join(attributes)}".encode()
+        )
         conn.execute(f"GRANT SELECT ON messages, calls TO {role}".encode())
     conninfo = psycopg.conninfo.conninfo_to_dict(database.dsn)
     conninfo["user"] = role
+    conninfo["password"] = "svc-pw"
+    conninfo.pop("passfile", None)
     try:
         yield psycopg.conninfo.make_conninfo(**conninfo)  # type: ignore[arg-type]
     finally:

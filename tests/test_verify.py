@@ -21,7 +21,7 @@ from replicator.errors import ReplicatorError
 from replicator.ops.doctor import connect
 from replicator.ops.verify import Difference, ServiceClient, compare, verify
 from replicator.pg.lsn import parse_lsn
-from replicator.runtime.cluster import free_port
+from replicator.runtime.cluster import PostgresCluster, embedded_bindir, free_port
 from replicator.web.auth import mint_token
 from tests.conftest import Database
 from tests.service_support import SECRET, RunningService, running_service
@@ -212,6 +212,14 @@ def test_embedded_default_with_demo_traffic(tmp_path: Path) -> None:
         "REPLICATOR_DATA_DIR": str(data_dir),
         "REPLICATOR_DEMO_TRAFFIC": "true",
     }
+    try:
+        verify_and_doctor_on_the_embedded_default(data_dir, embedded)
+    finally:
+        # as root from a private directory the cluster lives under /var/lib/replicator
+        PostgresCluster(embedded_bindir(), data_dir / "pgdata").remove()
+
+
+def verify_and_doctor_on_the_embedded_default(data_dir: Path, embedded: dict[str, str]) -> None:
     with running_service("", "replicator", env=embedded) as svc:
         environ = {
             k: v

@@ -48,6 +48,9 @@ class Settings:
     max_anonymous_streams: int | None = None
     #: None: a twentieth of max_streams
     reserved_streams: int | None = None
+    header_timeout_s: float = 10.0
+    admin_address: tuple[str, int] | None = None
+    metrics_token: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -84,6 +87,9 @@ ENV: dict[str, str] = {
     "max_streams_per_address": "REPLICATOR_MAX_STREAMS_PER_ADDRESS",
     "max_anonymous_streams": "REPLICATOR_MAX_ANONYMOUS_STREAMS",
     "reserved_streams": "REPLICATOR_RESERVED_STREAMS",
+    "header_timeout_s": "REPLICATOR_HEADER_TIMEOUT_S",
+    "admin_address": "REPLICATOR_ADMIN_ADDRESS",
+    "metrics_token": "REPLICATOR_METRICS_TOKEN",
 }
 
 #: shorter HS256 secrets are refused: RFC 7518 asks for a key at least as long as the hash
@@ -265,7 +271,26 @@ def _parse(key: str, text: str) -> Any:
         return text or None
     if key == "host" and not text:
         raise ConfigError(f"{name}={text!r} is empty")
+    if key == "header_timeout_s":
+        return _float(name, text, 0.1, 3600)
+    if key == "admin_address":
+        return _address(name, text)
+    if key == "metrics_token":
+        if not text.strip() or text != text.strip():
+            raise ConfigError(f"{name} is empty or has surrounding blanks; set a plain token")
+        return text
     return text
+
+
+def _address(name: str, text: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for IPv6); empty means none."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name}={text!r} is not host:port; use for example 127.0.0.1:9090")
+    return host, int(port)
 
 
 def load_settings(

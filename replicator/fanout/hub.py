@@ -265,6 +265,7 @@ class Hub:
         self._left: dict[str, float] = {}
         self._wheels: dict[float, HeartbeatWheel] = {}
         self._count = 0
+        self._writing = 0
         self._closed = False
         self.stats = HubStats()
 
@@ -280,9 +281,24 @@ class Hub:
     def users_connected(self) -> int:
         return len(self._by_user)
 
+    @property
     def blocked(self) -> int:
-        """Streams in the middle of a write: their clients are not reading (fast enough)."""
-        return sum(1 for subs in self._by_user.values() for s in subs if s.send_deadline)
+        """Streams in the middle of a write: their clients are not reading (fast enough).
+
+        Kept as a count by ``writing``/``written`` so that reading it costs nothing.
+        """
+        return self._writing
+
+    def writing(self, sub: Subscriber, deadline: float) -> None:
+        """``sub`` starts a write that must be done by ``deadline`` (monotonic time)."""
+        if not sub.send_deadline:
+            self._writing += 1
+        sub.send_deadline = deadline
+
+    def written(self, sub: Subscriber) -> None:
+        if sub.send_deadline:
+            self._writing -= 1
+            sub.send_deadline = 0.0
 
     def subscribe(
         self,
@@ -366,6 +382,7 @@ class Hub:
         wheel.add(sub, time.monotonic())
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        self.written(sub)  # a write cut short (abort, shutdown) still counted as going on
         if sub.beat_slot is not None:
             sub.beat_slot.discard(sub)
             sub.beat_slot = None

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from replicator import __version__
 from replicator.config.settings import ENV, Settings, load_settings
-from replicator.errors import ReplicatorError
+from replicator.errors import ReplicatorError, StartupError
 
 logger = logging.getLogger("replicator")
 
@@ -50,6 +50,11 @@ _HELP = {
     " (default a tenth of --max-streams)",
     "reserved_streams": "places under --max-streams kept for users already connected"
     " (default a twentieth)",
+    "header_timeout_s": "seconds a connection may take to send complete request headers"
+    " before it is closed (default 10)",
+    "admin_address": "host:port of a second listener for /metrics and the detailed /readyz;"
+    " the main address then has no /metrics and a /readyz of one word (default: none)",
+    "metrics_token": "bearer token that /metrics requires (default: none)",
 }
 #: extra spellings of a flag
 _ALIASES = {"admin_token": ["--token"]}
@@ -160,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_token(settings, args.user_id, ttl=args.ttl, admin=args.admin)
     except ReplicatorError as exc:
         print(f"replicator: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, StartupError) else 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
+from psycopg_pool import PoolTimeout
+
+if TYPE_CHECKING:
+    from replicator.runtime.monitor import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +57,18 @@ def seed_demo(dsn: str) -> None:
     logger.info("seeded demo data for user %s", DEMO_USER)
 
 
-async def run_demo_traffic(dsn: str, *, interval: float = 2.0, seed: int | None = None) -> None:
-    """Every few seconds: a new message, a read, a missed call or a seen call for the demo user."""
+async def run_demo_traffic(pool: Pool, *, interval: float = 2.0, seed: int | None = None) -> None:
+    """Every few seconds: a new message, a read, a missed call or a seen call for the demo user.
+
+    Each change borrows a connection from the service's pool rather than opening one.
+    """
     rng = random.Random(seed)
     while True:
+        await anyio.sleep(interval * rng.uniform(0.5, 1.5))
         try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                while True:
-                    await anyio.sleep(interval * rng.uniform(0.5, 1.5))
-                    await _one_change(conn, rng)
-        except psycopg.OperationalError as exc:
+            async with pool.connection(timeout=10) as conn:
+                await _one_change(conn, rng)
+        except (psycopg.Error, PoolTimeout) as exc:
             logger.debug("demo traffic paused: %s", exc)
             await anyio.sleep(5)
 

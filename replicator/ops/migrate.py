@@ -1,4 +1,8 @@
-"""Versioned, idempotent schema migrations from ``sql/``, recorded in ``replicator_migrations``."""
+"""Versioned, idempotent schema migrations, recorded in ``replicator_migrations``.
+
+They ship inside the package (``replicator/ops/migrations``, in a checkout a link to the
+top-level ``sql/``, which stays the place to read them).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,30 @@ from pathlib import Path
 
 import psycopg
 
+from replicator.errors import ReplicatorError
 from replicator.pg import ddl
 
 logger = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = Path(__file__).parent / "migrations"
 _LOCK_KEY = 0x7265706C  # "repl": one migrator at a time
 
 
 def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
-    return sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    """The migrations in order; none at all means a broken installation, never "current"."""
+    files = sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise ReplicatorError(
+            f"no migrations found in {sql_dir}: this installation of replicator is incomplete;"
+            " reinstall it (pip install replicator)"
+        )
+    return files
 
 
 def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply the migrations not yet recorded; return the versions applied now."""
     applied_now: list[str] = []
+    files = migration_files(sql_dir)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
@@ -31,7 +44,7 @@ def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {str(r[0]) for r in conn.execute("SELECT version FROM replicator_migrations")}
-            for path in migration_files(sql_dir):
+            for path in files:
                 version = path.stem
                 if version in done:
                     continue

@@ -27,6 +27,7 @@ from replicator.errors import (
     one_line,
 )
 from replicator.pg.lsn import format_lsn, parse_lsn
+from replicator.pg.retry import is_connection_error
 from replicator.pg.wire import (
     XLOGDATA_HEADER,
     XLOGDATA_POSITIONS,
@@ -40,6 +41,16 @@ logger = logging.getLogger(__name__)
 _XLOGDATA, _KEEPALIVE = 0x77, 0x6B
 #: how long the reader may hold the event loop before letting other tasks run
 _SLICE_S = 0.01
+#: A server that vanished without closing the connection (power loss, a dropped network
+#: path) is noticed by the kernel: TCP keepalives while nothing is in flight, and a bound on
+#: how long sent data may stay unacknowledged. A DSN's own values win.
+TCP_OPTIONS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 
 
 def _string(value: str) -> str:
@@ -58,15 +69,20 @@ class ReplicationConnection:
         self._pgconn = conn.pgconn
         #: the server's WAL end as last reported (XLogData or keepalive)
         self.server_wal_end = 0
-        #: monotonic time when the reader last found nothing left to read
-        self.idle_at = 0.0
+        #: monotonic time when the last message from the server was read
+        self.heard_at = 0.0
         self.last_status_at = 0.0
 
     @classmethod
     async def open(cls, dsn: str) -> ReplicationConnection:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+        tcp = {k: v for k, v in TCP_OPTIONS.items() if k not in given}
         try:
             conn = await psycopg.AsyncConnection.connect(
-                dsn, replication="database", autocommit=True, application_name="replicator"
+                psycopg.conninfo.make_conninfo(dsn, **tcp),
+                replication="database",
+                autocommit=True,
+                application_name="replicator",
             )
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"cannot open a replication connection: {exc}") from exc
@@ -110,7 +126,12 @@ class ReplicationConnection:
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             raise DatabaseSetupError(f"cannot create replication slot {slot!r}: {exc}") from exc
         except psycopg.OperationalError as exc:
-            raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+            if is_connection_error(exc):
+                raise ReplicationLost(f"creating replication slot {slot!r} failed: {exc}") from exc
+            raise DatabaseSetupError(
+                f"cannot create replication slot {slot!r}: {one_line(exc)}"
+                f" (SQLSTATE {exc.sqlstate}); `replicator doctor` checks the set-up"
+            ) from exc
         row = await cur.fetchone()
         assert row is not None
         _, consistent_point, snapshot, _ = row
@@ -137,10 +158,14 @@ class ReplicationConnection:
             # 55000: the slot was invalidated (WAL removed, a conflict on a standby, idle)
             raise SlotMissing(f"cannot stream from slot {slot!r}: {one_line(exc)}") from exc
         except psycopg.OperationalError as exc:
-            raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+            if is_connection_error(exc):
+                raise ReplicationLost(f"START_REPLICATION failed: {exc}") from exc
+            raise DatabaseSetupError(
+                f"cannot stream from slot {slot!r}: {one_line(exc)} (SQLSTATE {exc.sqlstate})"
+            ) from exc
         if self._pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
             raise ReplicationLost("the server closed the connection at START_REPLICATION")
-        self.last_status_at = time.monotonic()
+        self.last_status_at = self.heard_at = time.monotonic()
 
     async def stream(
         self,
@@ -149,12 +174,15 @@ class ReplicationConnection:
         feedback_lsn: Callable[[], int],
         *,
         status_interval: float = 10.0,
+        silence_timeout: float = 60.0,
     ) -> None:
         """Read copy-both messages until the connection breaks (``ReplicationLost``).
 
         ``on_xlogdata(payload, wal_start)`` gets each pgoutput message. Status updates carry
         ``feedback_lsn()``; they go out at once when the server asks, and at least every
-        ``status_interval`` seconds.
+        ``status_interval`` seconds, each asking the server for a keepalive in reply: so even
+        an idle server says something every ``status_interval``, and one that has said nothing
+        for ``silence_timeout`` seconds is taken for gone (a half-open connection).
         """
         pgconn = self._pgconn
         get_copy_data = pgconn.get_copy_data
@@ -194,6 +222,7 @@ class ReplicationConnection:
                     polled = False
                     count += 1
                     if count & 127 == 0 and monotonic() > slice_end:
+                        self.heard_at = slice_end
                         break
                 elif nbytes == 0:
                     if not polled:
@@ -206,17 +235,26 @@ class ReplicationConnection:
                             raise ReplicationLost(f"replication stream broke: {exc}") from exc
                         continue
                     polled = False
-                    self.idle_at = monotonic()
-                    wait = self.last_status_at + status_interval - self.idle_at
-                    if wait > 0:
-                        with anyio.move_on_after(wait):
+                    now = monotonic()
+                    if count:
+                        self.heard_at, count = now, 0
+                    elif now - self.heard_at > silence_timeout:
+                        raise ReplicationLost(
+                            f"no message from the server in {now - self.heard_at:.0f} s"
+                            " although asked for one; the connection is taken for dead"
+                        )
+                    wait = min(
+                        self.last_status_at + status_interval, self.heard_at + silence_timeout
+                    )
+                    if wait > now:
+                        with anyio.move_on_after(wait - now):
                             await anyio.wait_readable(fd)
                     try:
                         consume_input()
                     except psycopg.Error as exc:
                         raise ReplicationLost(f"replication stream broke: {exc}") from exc
                     if monotonic() - self.last_status_at >= status_interval:
-                        await self.send_status(feedback_lsn())
+                        await self.send_status(feedback_lsn(), reply=True)
                     slice_end = monotonic() + _SLICE_S
                 else:
                     message = pgconn.error_message.decode(errors="replace").strip()
@@ -225,13 +263,13 @@ class ReplicationConnection:
                     )
             await anyio.lowlevel.checkpoint()
             if monotonic() - self.last_status_at >= status_interval:
-                await self.send_status(feedback_lsn())
+                await self.send_status(feedback_lsn(), reply=True)
 
-    async def send_status(self, lsn: int) -> None:
-        """Confirm ``lsn`` as written, flushed and applied."""
+    async def send_status(self, lsn: int, *, reply: bool = False) -> None:
+        """Confirm ``lsn`` as written, flushed and applied; ``reply`` asks for a keepalive."""
         pgconn = self._pgconn
         try:
-            while not pgconn.put_copy_data(standby_status(lsn)):
+            while not pgconn.put_copy_data(standby_status(lsn, reply_requested=reply)):
                 await anyio.wait_writable(pgconn.socket)
             while pgconn.flush():
                 await anyio.wait_writable(pgconn.socket)

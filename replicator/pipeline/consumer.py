@@ -43,6 +43,7 @@ from replicator.pg.slots import (
 )
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
+from replicator.pipeline.failures import explain, is_connection_error
 from replicator.pipeline.snapshot import read_initial_state
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,15 @@ class ConsumerOptions:
     slot: str = "replicator"
     publication: str = "badges"
     schema: str = "public"
+    #: seconds between status updates, each asking the server for a keepalive in reply
     status_interval: float = 10.0
-    #: seconds without draining the socket after which the stream no longer counts as caught up
-    caught_up_window: float = 5.0
+    #: seconds without a message from the server (though asked) after which the connection is
+    #: taken for dead and replaced (a server gone without closing it)
+    silence_timeout: float = 60.0
+    #: ready while the last message from the server is at most this old ...
+    ready_silence: float = 25.0
+    #: ... and what is applied is at most this many WAL bytes behind what the server sent
+    ready_lag_bytes: int = 1 << 20
     #: output plugin: pgoutput, or wal2json (format-version 2) on servers that have it
     decoder: str = "pgoutput"
     #: the badges to count (None: the built-in default, its tables in ``schema``)
@@ -119,6 +126,8 @@ class Consumer:
         self.snapshot_rows = 0
         self.reconnects = 0
         self.snapshots = 0
+        #: the stream has been live at least once (errors before that end the service)
+        self.started = False
         self._repl: ReplicationConnection | None = None
         self._slot_created = False
         self.view = ConsumerView(self)
@@ -142,14 +151,29 @@ class Consumer:
         return max(0.0, time.time() - pg_time_to_unix(self.feed.last_commit_time))
 
     def caught_up(self) -> bool:
+        return self.live and self.behind() is None
+
+    def behind(self) -> str | None:
+        """Why the live stream does not count as caught up, or None when it does.
+
+        An idle database is caught up: every status update asks the server for a keepalive,
+        which carries its WAL position, so the server is heard from every status interval.
+        """
         repl = self._repl
-        if not self.live or repl is None:
-            return False
-        return time.monotonic() - repl.idle_at < self.options.caught_up_window
+        if repl is None:
+            return "not streaming"
+        silent = time.monotonic() - repl.heard_at
+        if silent > self.options.ready_silence:
+            return f"no message from the server for {silent:.0f} s"
+        lag = self.lag_bytes()
+        if lag > self.options.ready_lag_bytes:
+            return f"applied WAL is {lag} bytes behind what the server sent"
+        return None
 
     def _set_live(self, live: bool) -> None:
         if live != self.live:
             self.live = live
+            self.started = self.started or live
             if self._on_live is not None:
                 self._on_live(live)
 
@@ -179,7 +203,11 @@ class Consumer:
                         await self._stream()
                     except NeedsCatalog as exc:
                         pending = exc
-            except (ReplicationLost, psycopg.OperationalError) as exc:
+            except (ReplicationLost, psycopg.Error) as exc:
+                if isinstance(exc, psycopg.Error) and not is_connection_error(exc):
+                    error = explain(exc)
+                    await self._stop(error)
+                    raise error from exc
                 self._set_live(False)
                 await self._close_repl()
                 self.feed.abandon()
@@ -196,10 +224,23 @@ class Consumer:
                 if isinstance(exc, SlotMissing):
                     await anyio.sleep(backoff.next())
             except ReplicatorError as exc:
-                self.error = str(exc)
-                self._set_live(False)
-                await self._close_repl()
+                await self._stop(exc)
                 raise
+            except Exception as exc:
+                # A defect of ours: say so in one line; the traceback goes to the debug log.
+                logger.debug("unexpected error in the consumer", exc_info=True)
+                defect = ReplicatorError(
+                    f"unexpected error: {type(exc).__name__}: {one_line(exc)}"
+                    " (REPLICATOR_LOG_LEVEL=debug logs the traceback)"
+                )
+                await self._stop(defect)
+                raise defect from exc
+
+    async def _stop(self, error: ReplicatorError) -> None:
+        """Stop streaming for good: ``error`` is what ``/readyz`` reports."""
+        self.error = str(error)
+        self._set_live(False)
+        await self._close_repl()
 
     def _empty_state(self) -> BadgeState:
         return BadgeState(
@@ -220,6 +261,7 @@ class Consumer:
                     self._on_keepalive,
                     lambda: self.feed.applied_lsn,
                     status_interval=self.options.status_interval,
+                    silence_timeout=self.options.silence_timeout,
                 )
             except Exception as exc:
                 failure.append(exc)
@@ -462,6 +504,9 @@ class ConsumerView:
 
     def caught_up(self) -> bool:
         return self._consumer.caught_up()
+
+    def behind(self) -> str | None:
+        return self._consumer.behind()
 
     @property
     def snapshot_seconds(self) -> float:

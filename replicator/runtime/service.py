@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
@@ -21,11 +23,14 @@ from replicator.config.settings import (
     require_jwt_key,
     reserved_limit,
 )
-from replicator.errors import ConfigError, ReplicatorError
+from replicator.errors import ConfigError, ReplicatorError, StartupError
 from replicator.fanout.hub import Hub
 from replicator.pipeline.consumer import Consumer, ConsumerOptions, log_progress
 from replicator.runtime.collector import FreezingCollector
+from replicator.runtime.connections import ConnectionGuard, protocol_class
 from replicator.runtime.embedded import embedded_database
+from replicator.runtime.monitor import SlotMonitor, open_pool
+from replicator.runtime.ops_metrics import RuntimeCollector
 from replicator.runtime.redact import RedactTokens
 from replicator.web.app import BadgeApp
 from replicator.web.auth import mint_token, verifier_for
@@ -47,6 +52,14 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _AdminServer(uvicorn.Server):
+    """The second listener (REPLICATOR_ADMIN_ADDRESS): signals are the main server's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Service:
     """One consumer, one hub, one app; the app's lifespan owns the background tasks."""
 
@@ -57,10 +70,18 @@ class Service:
         *,
         jwt_secret: str | None,
         demo_traffic: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
         self.demo_traffic = demo_traffic
+        self.guard = ConnectionGuard(
+            header_timeout=settings.header_timeout_s,
+            max_connections=max_connections or settings.max_streams + 1000,
+        )
+        #: short connections opened again and again (slot checks, demo writes)
+        self.pool = open_pool(dsn)
+        self.monitor = SlotMonitor(self.pool, settings.slot)
         # the hub reads whichever state the consumer holds (a fresh snapshot replaces it)
         self.hub = Hub(
             lambda: self.consumer.state,
@@ -92,15 +113,29 @@ class Service:
             lifespan=self.lifespan,
             tickets=Tickets(jwt_secret),
             cors=CorsPolicy(settings.cors_origins),
+            collectors=[
+                RuntimeCollector(
+                    self.guard,
+                    self.monitor,
+                    max_streams=settings.max_streams,
+                    open_connections=self._open_connections,
+                )
+            ],
+            ops_elsewhere=settings.admin_address is not None,
+            metrics_token=settings.metrics_token,
         )
         self.server: uvicorn.Server | None = None
-        self.exit_code = 0
+        #: why the service stopped before it ever streamed
+        self.startup_error: ReplicatorError | None = None
         self.collector = FreezingCollector()
         self._gc_frozen = False
 
     @property
     def app(self) -> Starlette:
         return self.web.app
+
+    def _open_connections(self) -> int:
+        return len(self.server.server_state.connections) if self.server is not None else 0
 
     def _on_live(self, live: bool) -> None:
         logger.info("replication stream %s", "live" if live else "down")
@@ -119,63 +154,92 @@ class Service:
         try:
             await self.consumer.run()
         except ReplicatorError as exc:
-            logger.error("replication stopped: %s", exc)
-            if self.consumer.snapshots == 0 and self.server is not None:
-                # Nothing was ever served: a set-up problem, so exit rather than idle.
-                self.exit_code = 2
-                self.server.should_exit = True
+            if self.consumer.started or self.server is None:
+                # Clients hold counts that were right: keep serving them, /readyz says why not.
+                logger.error("replication stopped: %s", exc)
+                return
+            # Nothing was ever streamed: a set-up problem. Exit (the slot is dropped and an
+            # embedded server stopped on the way out) rather than idle.
+            self.startup_error = exc
+            self.server.should_exit = True
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._run_consumer)
-            tg.start_soon(log_progress, self.consumer)
-            tg.start_soon(self.hub.run)
-            tg.start_soon(self.collector.run)
-            if self.verifier.jwks is not None:
-                tg.start_soon(self.verifier.jwks.run)
-            if self.demo_traffic:
-                from replicator.ops.demo import run_demo_traffic
+        await self.pool.open(wait=False)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._run_consumer)
+                tg.start_soon(log_progress, self.consumer)
+                tg.start_soon(self.hub.run)
+                tg.start_soon(self.collector.run)
+                tg.start_soon(self.monitor.run)
+                tg.start_soon(self._count_open_files)
+                if self.verifier.jwks is not None:
+                    tg.start_soon(self.verifier.jwks.run)
+                if self.demo_traffic:
+                    from replicator.ops.demo import run_demo_traffic
 
-                tg.start_soon(run_demo_traffic, self.dsn)
-            try:
-                yield
-            finally:
-                self.hub.close()
-                tg.cancel_scope.cancel()
-        await self.consumer.shutdown()
+                    tg.start_soon(run_demo_traffic, self.pool)
+                try:
+                    yield
+                finally:
+                    self.hub.close()
+                    tg.cancel_scope.cancel()
+            await self.consumer.shutdown()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await self.pool.close()
+
+    async def _count_open_files(self, interval: float = 2.0) -> None:
+        """Keep the open-files metric fresh off the event loop: listing /proc/self/fd takes
+        time per open connection, so a scrape lists it only while it is short."""
+        while True:
+            await anyio.sleep(interval)
+            await anyio.to_thread.run_sync(self.web.process.count_open_files)
 
     def config(self, sock: socket.socket, **overrides: Any) -> uvicorn.Config:
         options: dict[str, Any] = {
+            "app": self.app,
             "lifespan": "on",
             "log_config": None,
             "timeout_graceful_shutdown": 3,
             "timeout_keep_alive": 30,
-            "limit_concurrency": self.settings.max_streams + 1000,
+            # the guard refuses connections beyond its cap as they are accepted; this is
+            # uvicorn's own check (per request), one above so that it never fires first
+            "limit_concurrency": self.guard.max_connections + 1,
             "backlog": 4096,
-            "h11_max_incomplete_event_size": 16 * 1024,
-            # h11 rather than httptools even where that is installed: only h11 bounds the
-            # size of a request head (above), and uvloop already took most of the per-write
-            # cost that httptools would save.
-            "http": "h11",
+            "h11_max_incomplete_event_size": self.guard.max_head,
+            # h11 rather than httptools even where that is installed: the guards subclass
+            # uvicorn's h11 protocol, and uvloop already took most of the per-write cost
+            # that httptools would save.
+            "http": protocol_class(self.guard),
             # The client address (per-address stream limits, access log) comes from
             # X-Forwarded-For only when the peer is one of these.
             "proxy_headers": bool(self.settings.trusted_proxies),
             "forwarded_allow_ips": list(self.settings.trusted_proxies),
         }
         options.update(overrides)
-        return uvicorn.Config(self.app, **options)
+        return uvicorn.Config(**options)
 
-    async def serve(self, sock: socket.socket) -> None:
+    async def serve(self, sock: socket.socket, admin_sock: socket.socket | None = None) -> None:
         self.server = _Server(self.config(sock), self)
-        await self.server.serve(sockets=[sock])
+        if admin_sock is None:
+            await self.server.serve(sockets=[sock])
+            return
+        admin = _AdminServer(self.config(admin_sock, app=self.web.admin_app, lifespan="off"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(admin.serve, [admin_sock])
+            try:
+                await self.server.serve(sockets=[sock])
+            finally:
+                admin.should_exit = True
 
 
 #: kernel send buffer per connection (Linux doubles it for bookkeeping)
 SEND_BUFFER_BYTES = 128 * 1024
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, variable: str = "REPLICATOR_PORT") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,11 +252,40 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); set REPLICATOR_PORT to a free port"
+            f"cannot listen on {host}:{port} ({exc.strerror}); set {variable} to a free port"
         ) from None
     sock.listen(4096)
     sock.set_inheritable(True)
     return sock
+
+
+#: open files kept for everything but client connections (PostgreSQL connections, logs, ...)
+RESERVED_FILES = 100
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_cap(settings: Settings, open_files: int) -> int:
+    """Connections to accept: room for every stream and some requests, kept below the
+    open-files limit, so a flood meets a 503 rather than an accept loop out of files."""
+    wanted = settings.max_streams + 1000
+    cap = max(16, open_files - RESERVED_FILES)
+    if cap < settings.max_streams:
+        logger.warning(
+            "the open-files limit (%d) allows %d connections, fewer than"
+            " REPLICATOR_MAX_STREAMS=%d needs; raise it (ulimit -n) to serve more",
+            open_files,
+            cap,
+            settings.max_streams,
+        )
+    return min(wanted, cap)
 
 
 def event_loop_options() -> dict[str, Any]:
@@ -215,10 +308,15 @@ def install_log_filters() -> None:
 def serve(settings: Settings) -> int:
     require_jwt_key(settings)
     install_log_filters()
+    cap = connection_cap(settings, raise_open_files_limit())
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     with ExitStack() as stack:
         stack.callback(sock.close)
+        admin_sock = None
+        if settings.admin_address is not None:
+            admin_sock = bind(*settings.admin_address, variable="REPLICATOR_ADMIN_ADDRESS")
+            stack.callback(admin_sock.close)
         secret: str | None
         if settings.embedded:
             db = stack.enter_context(embedded_database(settings.data_dir, serve=True))
@@ -227,7 +325,7 @@ def serve(settings: Settings) -> int:
             assert settings.database_url is not None
             dsn, secret = settings.database_url, settings.jwt_secret
         demo = settings.demo_traffic if settings.demo_traffic is not None else settings.embedded
-        service = Service(settings, dsn, jwt_secret=secret, demo_traffic=demo)
+        service = Service(settings, dsn, jwt_secret=secret, demo_traffic=demo, max_connections=cap)
         if settings.embedded:
             from replicator.ops.demo import DEMO_USER, seed_demo
 
@@ -245,13 +343,19 @@ def serve(settings: Settings) -> int:
                 flush=True,
             )
         logger.info("listening on http://%s:%d", host, port)
+        if admin_sock is not None:
+            admin_host, admin_port = admin_sock.getsockname()[:2]
+            logger.info(
+                "admin listener (/metrics, /readyz) on http://%s:%d", admin_host, admin_port
+            )
         # uvicorn re-raises the signal that stopped it once it is done; with the default
         # SIGTERM disposition that would kill the process before the embedded PostgreSQL
         # is stopped, so SIGTERM gets a Python handler that lets the clean-up run.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
-            anyio.run(service.serve, sock, backend_options=event_loop_options())
+            anyio.run(service.serve, sock, admin_sock, backend_options=event_loop_options())
         finally:
             signal.signal(signal.SIGTERM, previous)
-        return service.exit_code
+        if service.startup_error is not None:
+            raise StartupError(str(service.startup_error))
     return 0

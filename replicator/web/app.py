@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -20,7 +22,7 @@ from replicator.ops.demo import CONTACTS
 from replicator.pg.lsn import format_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
 from replicator.web.cors import CorsMiddleware, CorsPolicy
-from replicator.web.metrics import registry_for, render
+from replicator.web.metrics import ProcessMetrics, registry_for, render
 from replicator.web.stream import BadgeStreamResponse
 from replicator.web.tickets import Tickets
 
@@ -95,7 +97,13 @@ def client_address(request: Request) -> str | None:
 
 
 class BadgeApp:
-    """Routes over one consumer and one hub."""
+    """Routes over one consumer and one hub.
+
+    ``app`` is the public application. ``/metrics`` and the detailed ``/readyz`` tell anyone
+    the schema's problems, user counts and LSNs: with ``ops_elsewhere`` they are served by
+    ``admin_app`` only (a second listener) and the public ``/readyz`` says just its status
+    word; with ``metrics_token``, ``/metrics`` wants it as a bearer token.
+    """
 
     def __init__(
         self,
@@ -108,6 +116,9 @@ class BadgeApp:
         lifespan: Callable[[Starlette], Any] | None = None,
         tickets: Tickets | None = None,
         cors: CorsPolicy | None = None,
+        collectors: Sequence[Collector] = (),
+        ops_elsewhere: bool = False,
+        metrics_token: str | None = None,
     ) -> None:
         self.consumer = consumer
         self.hub = hub
@@ -116,15 +127,28 @@ class BadgeApp:
         self.cors = cors or CorsPolicy(())
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
-        self.registry = registry_for(consumer, hub)
+        #: resident memory, CPU seconds and open file descriptors of this process
+        self.process = ProcessMetrics()
+        self.registry = registry_for(consumer, hub, self.process, *collectors)
+        self._metrics_token = metrics_token.encode() if metrics_token else None
+        ops = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+        if ops_elsewhere:
+            public_ops = [
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz_brief, methods=["GET"]),
+            ]
+        else:
+            public_ops = ops
         routes = [
             Route("/v1/badges/stream", self._guard(self.stream, "stream"), methods=["GET"]),
             Route("/v1/badges", self._guard(self.badges), methods=["GET"]),
             Route("/v1/badges/ticket", self._guard(self.ticket, "ticket"), methods=["POST"]),
             Route("/v1/admin/badges", self._guard(self.all_badges, "admin"), methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-            Route("/metrics", self.metrics, methods=["GET"]),
+            *public_ops,
             Route("/", self.index, methods=["GET"]),
             Route("/badges.js", self.client_js, methods=["GET"]),
             Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
@@ -134,6 +158,7 @@ class BadgeApp:
             lifespan=lifespan,
             middleware=[Middleware(CorsMiddleware, policy=self.cors)],
         )
+        self.admin_app = Starlette(routes=ops)
 
     def _guard(
         self, handler: Callable[[Request, Identity], Awaitable[Response]], kind: str = "user"
@@ -229,7 +254,7 @@ class BadgeApp:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(self, request: Request) -> Response:
+    def readiness(self) -> tuple[int, dict[str, object]]:
         c = self.consumer
         body: dict[str, object] = {
             "live": c.live,
@@ -237,14 +262,34 @@ class BadgeApp:
             "lag_bytes": c.lag_bytes(),
         }
         if c.error:
-            return JSONResponse({"status": "failed", "error": c.error, **body}, status_code=503)
+            return 503, {"status": "failed", "error": c.error, **body}
         if not c.live:
-            return JSONResponse({"status": "not streaming", **body}, status_code=503)
-        if not c.caught_up():
-            return JSONResponse({"status": "catching up", **body}, status_code=503)
-        return JSONResponse({"status": "ready", **body})
+            return 503, {"status": "not streaming", **body}
+        behind = c.behind()
+        if behind is not None:
+            return 503, {"status": "catching up", "reason": behind, **body}
+        return 200, {"status": "ready", **body}
+
+    async def readyz(self, request: Request) -> Response:
+        status, body = self.readiness()
+        return JSONResponse(body, status_code=status)
+
+    async def readyz_brief(self, request: Request) -> Response:
+        status, body = self.readiness()
+        return JSONResponse({"status": body["status"]}, status_code=status)
 
     async def metrics(self, request: Request) -> Response:
+        if self._metrics_token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self._metrics_token
+            ):
+                return error(
+                    401,
+                    "unauthorized",
+                    "/metrics needs Authorization: Bearer <REPLICATOR_METRICS_TOKEN>",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
         return Response(render(self.registry), media_type="text/plain; version=0.0.4")
 
     async def index(self, request: Request) -> Response:

@@ -99,11 +99,12 @@ class BadgeStreamResponse(Response):
     async def _stream(self, send: Send) -> None:
         sub, stats, timeout = self._sub, self._hub.stats, self._send_timeout
         first, self._first = RETRY + self._first, b""
-        sub.send_deadline = monotonic() + timeout
+        hub = self._hub
+        hub.writing(sub, monotonic() + timeout)
         # Not counted as the stream's last write: its first heartbeat keeps the random
         # phase the wheel gave it.
         await send({"type": "http.response.body", "body": first, "more_body": True})
-        sub.send_deadline = 0.0
+        hub.written(sub)
         stats.events_sent += 1
         while True:
             data = sub.take()
@@ -113,9 +114,9 @@ class BadgeStreamResponse(Response):
                 await sub.wait()
                 continue
             now = monotonic()
-            sub.send_deadline = now + timeout
+            hub.writing(sub, now + timeout)
             await send({"type": "http.response.body", "body": data, "more_body": True})
-            sub.send_deadline = 0.0
+            hub.written(sub)
             sub.last_sent = now
             if data is not HEARTBEAT:
                 stats.events_sent += 1
