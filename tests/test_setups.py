@@ -213,9 +213,8 @@ def service_role(database: Database, *attributes: str) -> Iterator[str]:
     """A login role that may replicate and read the badge tables, as a service would run."""
     role = f"svc_{database.name}"
     with psycopg.connect(database.dsn, autocommit=True) as conn:
-        conn.execute(
-            f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'svc-pw' {' '.join(attributes)}".encode()
-        )
+        extra = " ".join(attributes)
+        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'svc-pw' {extra}".encode())
         conn.execute(f"GRANT SELECT ON messages, calls TO {role}".encode())
     conninfo = psycopg.conninfo.conninfo_to_dict(database.dsn)
     conninfo["user"] = role
