@@ -28,7 +28,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) system-deps
+# The compose file's check validates it against the Compose specification's JSON schema,
+# as the docker-compose 1.29.2 wheel ships it (downloaded by pip, never installed).
+COMPOSE_WHEEL := $(VENV)/test-assets/docker_compose-1.29.2-py2.py3-none-any.whl
+$(COMPOSE_WHEEL): | $(STAMP)
+	$(BIN)/pip download --quiet --no-deps docker-compose==1.29.2 -d $(VENV)/test-assets
+
+pytest: $(STAMP) system-deps $(COMPOSE_WHEEL)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from replicator.web.auth import mint_token
+from tests.support import slot_env
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 _LISTEN = re.compile(r"listening on http://([\d.]+):(\d+)")
@@ -80,7 +81,7 @@ def _pump(stream: Any, lines: list[str], found: threading.Event, port: list[int]
 
 def start_service(
     dsn: str,
-    slot: str,
+    slot: str | None,
     *,
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
@@ -92,7 +93,8 @@ def start_service(
     environ = {
         **os.environ,
         "DATABASE_URL": dsn,
-        "REPLICATOR_SLOT": slot,
+        # None: the slot is REPLICATOR_SLOT (from env) and the instance's own id
+        **(slot_env(slot) if slot is not None else {}),
         "REPLICATOR_JWT_SECRET": SECRET,
         "REPLICATOR_HOST": "127.0.0.1",
         "REPLICATOR_PORT": "0",
@@ -133,7 +135,7 @@ def start_service(
 
 
 @contextmanager
-def running_service(dsn: str, slot: str, **kwargs: Any) -> Iterator[RunningService]:
+def running_service(dsn: str, slot: str | None, **kwargs: Any) -> Iterator[RunningService]:
     service = start_service(dsn, slot, **kwargs)
     try:
         yield service

@@ -18,6 +18,14 @@ from replicator.errors import ReplicatorError
 from replicator.pg.lsn import parse_lsn
 from replicator.pipeline.consumer import Consumer, ConsumerOptions
 
+
+def slot_env(slot: str) -> dict[str, str]:
+    """The settings that make ``replicator serve`` stream from exactly ``slot``: the prefix
+    (REPLICATOR_SLOT) and this instance's id, instead of one derived from host and port."""
+    prefix, _, instance = slot.rpartition("_")
+    return {"REPLICATOR_SLOT": prefix, "REPLICATOR_INSTANCE": instance}
+
+
 #: user -> one {counterpart: count} per badge, in file order
 Counts = dict[str, tuple[dict[str, int], ...]]
 

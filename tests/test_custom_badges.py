@@ -26,6 +26,7 @@ from tests.support import (
     caught_up,
     database_counts,
     running_consumer,
+    slot_env,
     state_counts,
     sync_point,
     wait_applied,
@@ -253,7 +254,7 @@ async def test_doctor_checks_a_custom_schema_and_its_script_fixes_it(
         await conn.execute(f"ALTER PUBLICATION {PUBLICATION} DROP TABLE ops.alerts")
     env = {
         "DATABASE_URL": db.dsn,
-        "REPLICATOR_SLOT": db.slot,
+        **slot_env(db.slot),
         "REPLICATOR_PUBLICATION": PUBLICATION,
         "REPLICATOR_BADGES": str(schema.write_badges(tmp_path)),
     }

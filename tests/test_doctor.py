@@ -18,7 +18,7 @@ from replicator.ops.migrate import migrate
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir, free_port
 from replicator.runtime.embedded import embedded_database
 from tests.conftest import Database
-from tests.support import DEFAULT_SPECS
+from tests.support import DEFAULT_SPECS, slot_env
 
 CHECKS = [
     "server",
@@ -29,7 +29,9 @@ CHECKS = [
     "row security",
     "index unread_messages",
     "index missed_calls",
+    "standby",
     "replication slots",
+    "instances",
     "wal senders",
     "replication role",
     "table access",
@@ -39,9 +41,11 @@ CHECKS = [
 ]
 
 
-def checks(dsn: str, slot: str = "replicator") -> dict[str, Check]:
+def checks(dsn: str, slot: str = "replicator_x") -> dict[str, Check]:
+    """The checks for a service whose instance streams from ``slot``."""
     with connect(dsn) as conn:
-        found = run_checks(conn, publication="badges", slot=slot, specs=DEFAULT_SPECS)
+        prefix = slot_env(slot)["REPLICATOR_SLOT"]
+        found = run_checks(conn, publication="badges", slot=prefix, specs=DEFAULT_SPECS)
     assert [c.name for c in found] == CHECKS
     return {c.name: c for c in found}
 
@@ -91,7 +95,7 @@ def test_migrated_database_passes(database: Database) -> None:
 
 
 def test_command_passes_with_one_line_per_check(database: Database) -> None:
-    run = doctor(DATABASE_URL=database.dsn, REPLICATOR_SLOT=database.slot)
+    run = doctor(DATABASE_URL=database.dsn, **slot_env(database.slot))
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"checking database {database.name} on 127.0.0.1:")
@@ -104,7 +108,7 @@ def test_command_passes_with_one_line_per_check(database: Database) -> None:
 
 def test_command_fails_on_replica_identity_default(database: Database) -> None:
     sql(database.dsn, "ALTER TABLE messages REPLICA IDENTITY DEFAULT")
-    run = doctor(DATABASE_URL=database.dsn, REPLICATOR_SLOT=database.slot)
+    run = doctor(DATABASE_URL=database.dsn, **slot_env(database.slot))
     assert run.returncode == 1, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("FAIL"))
@@ -193,11 +197,12 @@ def test_inactive_slots_holding_wal(database: Database) -> None:
         rf"{gone} \(logical, database {database.name}\) holds \d+ (bytes|kB|MB) of WAL",
         inactive.detail,
     ), inactive.detail
-    assert f"{database.slot} (logical, database {database.name}, the service's own" in (
+    assert f"{database.slot} (logical, database {database.name}, an instance of the service" in (
         inactive.detail
     )
     assert f"SELECT pg_drop_replication_slot('{gone}');" in str(inactive.fix)
-    assert result["replication slots"].detail.endswith(f"({database.slot} exists already)")
+    assert "(1 of them the service's" in result["replication slots"].detail
+    assert result["instances"].detail.startswith(f"1: {database.slot} (idle, ")
 
 
 def test_role_that_may_not_replicate(database: Database) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +24,6 @@ from tests.fault_support import (
     terminate_walsender,
 )
 from tests.service_support import (
-    SECRET,
     EventReader,
     RunningService,
     open_stream,
@@ -328,29 +325,6 @@ async def test_a_million_row_transaction_is_exact(database: Database) -> None:
             await workload.big_transaction(conn, 1_000_000)
         await workload.run(database.dsn, 10)
         await assert_exact(service, database.dsn, timeout=300)
-
-
-async def test_second_instance_on_the_same_slot_fails_fast(database: Database) -> None:
-    workload = Workload(seed=410)
-    with running_service(database.dsn, database.slot) as first:
-        second = subprocess.run(
-            [sys.executable, "-m", "replicator", "serve"],
-            env={
-                "DATABASE_URL": database.dsn,
-                "REPLICATOR_SLOT": database.slot,
-                "REPLICATOR_JWT_SECRET": SECRET,
-                "REPLICATOR_PORT": "0",
-                "PATH": "/usr/bin:/bin",
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert second.returncode != 0
-        assert f"replication slot {database.slot!r} is in use" in second.stderr
-        await workload.run(database.dsn, 40)
-        await assert_exact(first, database.dsn)
-        assert httpx.get(first.url + "/readyz", timeout=10).status_code == 200
 
 
 async def test_unexpected_row_values_count_for_nobody(database: Database) -> None:

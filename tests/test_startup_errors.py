@@ -15,6 +15,7 @@ from replicator.pipeline.failures import explain, is_connection_error
 from tests.conftest import Database
 from tests.fault_support import slot_rows
 from tests.service_support import SECRET
+from tests.support import slot_env
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,7 @@ def serve_once(dsn: str, slot: str) -> subprocess.CompletedProcess[str]:
         env={
             **os.environ,
             "DATABASE_URL": dsn,
-            "REPLICATOR_SLOT": slot,
+            **slot_env(slot),
             "REPLICATOR_JWT_SECRET": SECRET,
             "REPLICATOR_PORT": "0",
         },

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import Database, Server, drop_database
 from tests.service_support import SECRET, running_service
+from tests.support import slot_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_the_wheel_migrates_serves_doctors_and_verifies(
     migrated = command(installed, "migrate", DATABASE_URL=db.dsn)
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.strip() == ("applied 001_schema, 002_badge_indexes, 003_replication")
-    doctor = command(installed, "doctor", DATABASE_URL=db.dsn, REPLICATOR_SLOT=db.slot)
+    doctor = command(installed, "doctor", DATABASE_URL=db.dsn, **slot_env(db.slot))
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
 
     with running_service(db.dsn, db.slot, command=[str(installed / "bin" / "replicator")]) as svc:

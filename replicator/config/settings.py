@@ -51,6 +51,10 @@ class Settings:
     header_timeout_s: float = 10.0
     admin_address: tuple[str, int] | None = None
     metrics_token: str | None = None
+    #: this instance's part of its slot name (None: derived from the host name and the port)
+    instance: str | None = None
+    slot_grace_s: float = 300.0
+    primary_url: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -66,6 +70,9 @@ ENV: dict[str, str] = {
     "jwt_public_key": "REPLICATOR_JWT_PUBLIC_KEY",
     "jwt_audience": "REPLICATOR_JWT_AUDIENCE",
     "slot": "REPLICATOR_SLOT",
+    "instance": "REPLICATOR_INSTANCE",
+    "slot_grace_s": "REPLICATOR_SLOT_GRACE_S",
+    "primary_url": "REPLICATOR_PRIMARY_URL",
     "publication": "REPLICATOR_PUBLICATION",
     "schema": "REPLICATOR_SCHEMA",
     "decoder": "REPLICATOR_DECODER",
@@ -248,10 +255,11 @@ def _parse(key: str, text: str) -> Any:
     if key == "badges":
         return Path(text).expanduser() if text else None
     if key in ("slot", "publication", "schema"):
-        if not _IDENTIFIER.match(text):
+        if not _IDENTIFIER.match(text) or (key == "slot" and len(text) > 42):
+            most = 42 if key == "slot" else 63
             raise ConfigError(
                 f"{name}={text!r} is not a valid name; use lowercase letters, digits and _"
-                " (at most 63)"
+                f" (at most {most})"
             )
         return text
     if key == "decoder":
@@ -263,7 +271,16 @@ def _parse(key: str, text: str) -> Any:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{name}={text!r} is not a log level; use debug, info or warning")
         return level
-    if key == "database_url":
+    if key == "instance":
+        if not re.fullmatch(r"[a-z0-9]{1,20}", text):
+            raise ConfigError(
+                f"{name}={text!r} is not an instance id; use 1 to 20 lowercase letters and"
+                " digits (or leave it unset: it is derived from the host name and the port)"
+            )
+        return text
+    if key == "slot_grace_s":
+        return _float(name, text, 1, 7 * 86400)
+    if key in ("database_url", "primary_url"):
         if text and not (text.startswith(("postgresql://", "postgres://")) or "=" in text):
             raise ConfigError(
                 f"{name}={text!r} is not a PostgreSQL URL; use postgresql://user@host:port/db"

@@ -22,7 +22,12 @@ _HELP = {
     "jwt_public_key": "PEM public key (or a path to one) for RS256/ES256 tokens",
     "jwt_audience": "accepted token audiences, comma-separated; empty: not checked"
     " (default authenticated)",
-    "slot": "replication slot name (default replicator)",
+    "slot": "prefix of the replication slot's name; each instance adds its own id"
+    " (default replicator)",
+    "instance": "this instance's id in its slot name (default: from the host name and the port)",
+    "slot_grace_s": "seconds a dead instance's slot stays before a live instance drops it"
+    " (default 300)",
+    "primary_url": "the primary, when DATABASE_URL is a standby (default: none)",
     "publication": "publication name (default badges)",
     "schema": "schema of a badge table named without one (default public)",
     "decoder": "logical decoding plugin: pgoutput (default) or wal2json",
@@ -73,7 +78,15 @@ def _add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
         )
 
 
-_CONNECTION = ("database_url", "slot", "publication", "schema", "badges", "log_level")
+_CONNECTION = (
+    "database_url",
+    "primary_url",
+    "slot",
+    "publication",
+    "schema",
+    "badges",
+    "log_level",
+)
 _SERVE = tuple(key for key in ENV if key != "admin_token")
 
 

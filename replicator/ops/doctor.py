@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -358,6 +359,8 @@ def check_index(conn: Conn, bound: list[Badge], spec: BadgeSpec) -> Check:
         want = _wanted_predicate(conn, badge)
     except psycopg.errors.InsufficientPrivilege:
         return Check(check_name, WARN, f"not checked: no privilege to read {table} (table access)")
+    except psycopg.errors.ReadOnlySqlTransaction:
+        return Check(check_name, WARN, "not checked on a standby: run doctor on the primary")
     rows = _rows(
         conn,
         "SELECT i.relname, pg_get_expr(x.indpred, x.indrelid), x.indisvalid AND x.indisready,"
@@ -401,18 +404,29 @@ def check_index(conn: Conn, bound: list[Badge], spec: BadgeSpec) -> Check:
     )
 
 
+def instance_pattern(prefix: str) -> str:
+    """The names of every instance's slot: the prefix, then an instance id."""
+    return f"^{prefix}_[a-z0-9]+$"
+
+
 def check_slots(conn: Conn, slot: str) -> Check:
     limit, used, own = _rows(
         conn,
         "SELECT current_setting('max_replication_slots')::int,"
         " (SELECT count(*) FROM pg_replication_slots),"
-        " EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
-        (slot,),
+        " (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ %s)",
+        (instance_pattern(slot),),
     )[0]
     free = limit - used
     detail = f"{used} of {limit} used, {free} free"
     if own:
-        return Check("replication slots", OK, f"{detail} ({slot} exists already)")
+        return Check(
+            "replication slots",
+            OK,
+            f"{detail} ({own} of them the service's, one an instance; a new instance needs one)"
+            if free >= 1
+            else f"{detail} ({own} of them the service's; a new instance would find none)",
+        )
     if free < 1:
         return Check(
             "replication slots",
@@ -428,13 +442,13 @@ def check_senders(conn: Conn, slot: str) -> Check:
         conn,
         "SELECT current_setting('max_wal_senders')::int,"
         " (SELECT count(*) FROM pg_stat_replication),"
-        " EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active)",
-        (slot,),
+        " (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ %s AND active)",
+        (instance_pattern(slot),),
     )[0]
     free = limit - active
     detail = f"{active} of {limit} active, {free} free"
     if own:
-        return Check("wal senders", OK, f"{detail} (slot {slot} is streaming)")
+        return Check("wal senders", OK, f"{detail} ({own} streaming for the service)")
     if free < 1:
         return Check(
             "wal senders",
@@ -503,7 +517,11 @@ def check_inactive_slots(conn: Conn, slot: str) -> Check:
         described = []
         for name, kind, database, _, pretty in holding:
             where = f"{kind}, database {database}" if database else str(kind)
-            own = ", the service's own from a stopped run" if name == slot else ""
+            own = (
+                ", an instance of the service that stopped"
+                if re.match(instance_pattern(slot), str(name))
+                else ""
+            )
             described.append(f"{name} ({where}{own}) holds {pretty} of WAL")
         if idle_text:
             described.append(idle_text)
@@ -522,6 +540,58 @@ def check_inactive_slots(conn: Conn, slot: str) -> Check:
             f"drop if unused: SELECT pg_drop_replication_slot('{idle[0]}')",
         )
     return Check("inactive slots", OK, "none")
+
+
+def check_instances(conn: Conn, prefix: str) -> Check:
+    """Every instance's slot, with how far behind it is and the WAL it keeps."""
+    rows = _rows(
+        conn,
+        "SELECT slot_name, active, pg_size_pretty(pg_wal_lsn_diff(position,"
+        " confirmed_flush_lsn)), pg_size_pretty(pg_wal_lsn_diff(position, restart_lsn))"
+        " FROM pg_replication_slots, (SELECT CASE WHEN pg_is_in_recovery()"
+        " THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS position) p"
+        " WHERE slot_name ~ %s ORDER BY slot_name",
+        (instance_pattern(prefix),),
+    )
+    if not rows:
+        return Check("instances", OK, f"none running (slots {prefix}_<instance>)")
+    described = [
+        f"{name} ({'streaming' if active else 'idle'}, {lag} behind, keeps {kept})"
+        for name, active, lag, kept in rows
+    ]
+    return Check("instances", OK, f"{len(rows)}: {'; '.join(described)}")
+
+
+def check_standby(conn: Conn) -> Check:
+    """On a standby: what keeps its logical slots from being invalidated again and again."""
+    if not _value(conn, "SELECT pg_is_in_recovery()"):
+        return Check("standby", OK, "not a standby (decoding on the primary)")
+    if conn.info.server_version < 160000:
+        return Check(
+            "standby",
+            FAIL,
+            "logical decoding on a standby needs PostgreSQL 16 or newer",
+            "point DATABASE_URL at the primary, or upgrade",
+        )
+    feedback = _value(conn, "SHOW hot_standby_feedback")
+    slot = _value(conn, "SHOW primary_slot_name")
+    problems, fixes = [], []
+    if feedback != "on":
+        problems.append("hot_standby_feedback is off (the primary may remove rows decoding needs)")
+        fixes.append("ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf()")
+    if not slot:
+        problems.append("no primary_slot_name (the primary may remove WAL and catalog rows)")
+        fixes.append(
+            "create a physical slot on the primary and ALTER SYSTEM SET primary_slot_name here"
+        )
+    if problems:
+        return Check(
+            "standby",
+            FAIL,
+            "; ".join(problems) + ": the slot's conflicts would invalidate it again and again",
+            "; ".join(fixes),
+        )
+    return Check("standby", OK, f"hot_standby_feedback on, primary_slot_name {slot}")
 
 
 def check_row_security(conn: Conn, members: TableMap | None) -> Check:
@@ -603,7 +673,9 @@ def run_checks(conn: Conn, *, publication: str, slot: str, specs: list[BadgeSpec
             (f"index {spec.name}", lambda spec=spec: check_index(conn, bound, spec))
             for spec in specs
         ],
+        ("standby", lambda: check_standby(conn)),
         ("replication slots", lambda: check_slots(conn, slot)),
+        ("instances", lambda: check_instances(conn, slot)),
         ("wal senders", lambda: check_senders(conn, slot)),
         ("replication role", lambda: check_role(conn)),
         ("table access", lambda: check_access(conn, tables)),

@@ -341,7 +341,9 @@ def run_verify(settings: Settings, url: str, out: TextIO = sys.stdout) -> int:
     client.check_access()
     with (
         database_dsn(settings, start_embedded=False) as dsn,
-        connect(dsn, statement_timeout=None) as conn,
+        # sync points are written, so with a standby everything runs on the primary (which
+        # the standby's WAL, and so the service, follows)
+        connect(settings.primary_url or dsn, statement_timeout=None) as conn,
     ):
         badges = bind_sync(conn, badge_spec.load(settings.badges, schema=settings.schema))
         outcome = verify(conn, client, badges)

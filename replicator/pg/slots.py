@@ -240,3 +240,57 @@ async def drop_slot(conn: Conn, slot: str, *, wait: float = 5.0) -> bool:
     except SlotInUseError:
         return False
     return True
+
+
+async def reclaim_dead_slots(
+    conn: Conn,
+    *,
+    prefix: str,
+    own: str,
+    plugin: str,
+    grace: float,
+    seen: dict[str, float],
+) -> list[str]:
+    """Drop the slots of instances that died: ``<prefix>_<id>`` slots of this database and
+    plugin, not ``own``, inactive for ``grace`` seconds. PostgreSQL 17 and later say since when
+    (``inactive_since``); before, ``seen`` keeps when this instance first saw each one idle,
+    so a live instance that is only reconnecting (idle for seconds) is never taken for dead.
+    """
+    since = "extract(epoch FROM now() - inactive_since)::float8"
+    idle = since if conn.info.server_version >= 170000 else "NULL::float8"
+    cur = await conn.execute(
+        f"SELECT slot_name, active, {idle} FROM pg_replication_slots"
+        " WHERE database = current_database() AND slot_type = 'logical' AND plugin = %s"
+        " AND slot_name ~ %s AND slot_name <> %s",
+        (plugin, f"^{prefix}_[a-z0-9]+$", own),
+    )
+    rows = await cur.fetchall()
+    now = time.monotonic()
+    for name in set(seen) - {str(r[0]) for r in rows}:
+        del seen[name]
+    dropped = []
+    for row_name, active, idle_s in rows:
+        name = str(row_name)
+        if active:
+            seen.pop(name, None)
+            continue
+        first = seen.setdefault(name, now)
+        idle_for = float(idle_s) if idle_s is not None else now - first  # type: ignore[arg-type]
+        if idle_for < grace:
+            continue
+        try:
+            await conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+        except (psycopg.errors.ObjectInUse, psycopg.errors.UndefinedObject):
+            continue  # it came back, or another instance was first
+        seen.pop(name, None)
+        dropped.append(name)
+        logger.warning(
+            "dropped replication slot %r: its instance has been gone for %.0f s", name, idle_for
+        )
+    return dropped
+
+
+async def is_standby(conn: Conn) -> bool:
+    cur = await conn.execute("SELECT pg_is_in_recovery()")
+    row = await cur.fetchone()
+    return bool(row and row[0])

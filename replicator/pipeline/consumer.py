@@ -40,6 +40,8 @@ from replicator.pg.slots import (
     check_resumable,
     clear_leftover_slot,
     drop_slot,
+    is_standby,
+    reclaim_dead_slots,
 )
 from replicator.pg.walsender import ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
@@ -87,6 +89,12 @@ class ConsumerOptions:
     #: seconds between looks at the catalog for changes the stream cannot show (partitions
     #: attached, detached or dropped, tables renamed); the DDL signal shows them at once
     catalog_check_s: float = 5.0
+    #: the prefix shared by every instance's slot (REPLICATOR_SLOT); with it, slots of
+    #: instances gone for ``slot_grace_s`` are dropped
+    slot_prefix: str | None = None
+    slot_grace_s: float = 300.0
+    #: the primary, when ``dsn`` is a standby: for what must run there
+    primary_dsn: str | None = None
 
     def specs(self) -> list[BadgeSpec]:
         if self.badges is not None:
@@ -118,6 +126,8 @@ class Consumer:
         # Counts need the columns' types, which binding reads from the catalog at start.
         self._use_state(self._empty_state(), 0, [], TableMap())
         self.database: str | None = None
+        #: other instances' slots seen idle, and since when (for PostgreSQL before 17)
+        self._idle_slots: dict[str, float] = {}
         #: new snapshots taken because the stream could not be followed (partitions, slots)
         self.fresh_starts = 0
         self.live = False
@@ -281,6 +291,27 @@ class Consumer:
                 failure.append(exc)
                 scope.cancel()
                 return
+            await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        """Drop the slots of instances that died (never fatal: the next look tries again)."""
+        opts = self.options
+        if opts.slot_prefix is None:
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                opts.dsn, autocommit=True, connect_timeout=10
+            ) as admin:
+                await reclaim_dead_slots(
+                    admin,
+                    prefix=opts.slot_prefix,
+                    own=opts.slot,
+                    plugin=opts.decoder,
+                    grace=opts.slot_grace_s,
+                    seen=self._idle_slots,
+                )
+        except psycopg.Error as exc:
+            logger.debug("could not look for dead instances' slots: %s", one_line(exc))
 
     async def _learn(self, need: NeedsCatalog) -> None:
         """Look at the catalog for what the stream cannot say: a relation it has not seen, a
@@ -350,7 +381,7 @@ class Consumer:
         repl = await ReplicationConnection.open(opts.dsn)
         self._repl = repl
         started = time.monotonic()
-        consistent_point, snapshot = await repl.create_slot(opts.slot, opts.decoder)
+        consistent_point, snapshot = await self._create_slot(repl)
         self._slot_created = True
         state = self._empty_state()
         # The exported snapshot dies with the replication connection's next command, so it
@@ -370,6 +401,56 @@ class Consumer:
         )
         self._replace_state(state, consistent_point, badges, tables)
         await self._start_streaming(consistent_point, first=True)
+
+    async def _create_slot(self, repl: ReplicationConnection) -> tuple[int, str]:
+        """Create our slot; on a standby, ask the primary meanwhile for the running-transactions
+        record that slot creation there waits for."""
+        async with await psycopg.AsyncConnection.connect(
+            self.options.dsn, autocommit=True, connect_timeout=10
+        ) as admin:
+            standby = await is_standby(admin)
+        if not standby:
+            return await repl.create_slot(self.options.slot, self.options.decoder)
+        failure: list[Exception] = []
+        found: list[tuple[int, str]] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._nudge_primary)
+            try:
+                found.append(await repl.create_slot(self.options.slot, self.options.decoder))
+            except Exception as exc:
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        return found[0]
+
+    async def _nudge_primary(self) -> None:
+        """``pg_log_standby_snapshot()`` on the primary, each second, while a slot is created
+        on the standby; without it the standby waits for the primary's own (every 15 s)."""
+        waiting = (
+            "creating slot %r on a standby waits for the primary's next running-transactions"
+            " record (up to 15 s); %s"
+        )
+        primary = self.options.primary_dsn
+        if primary is None:
+            logger.info(waiting, self.options.slot, "set REPLICATOR_PRIMARY_URL to speed it up")
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                primary, autocommit=True, connect_timeout=10
+            ) as conn:
+                while True:
+                    await conn.execute("SELECT pg_log_standby_snapshot()")
+                    await anyio.sleep(1)
+        except psycopg.errors.InsufficientPrivilege:
+            logger.warning(
+                waiting,
+                self.options.slot,
+                "the primary refuses pg_log_standby_snapshot() to this role: run GRANT EXECUTE"
+                " ON FUNCTION pg_log_standby_snapshot() TO <role> there (as a superuser)",
+            )
+        except psycopg.Error as exc:
+            logger.warning(waiting, self.options.slot, f"the primary: {one_line(exc)}")
 
     def _use_state(
         self, state: BadgeState, lsn: int, badges: Sequence[Badge], tables: TableMap

@@ -242,7 +242,9 @@ class PostgresCluster:
         out = self._run([str(self.bindir / "postgres"), "--version"]).stdout
         return int(out.split()[-1].split(".")[0])
 
-    def _run(self, args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
                 args,
@@ -252,7 +254,7 @@ class PostgresCluster:
                 cwd="/",
                 timeout=timeout,
                 **self._identity(),
-                env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+                env={**os.environ, "LC_ALL": "C", "LANG": "C", **(env or {})},
             )
         except subprocess.CalledProcessError as exc:
             detail = (exc.stderr or exc.stdout or "").strip().splitlines()
@@ -325,6 +327,54 @@ class PostgresCluster:
             f.write("\n# replicator\n")
             for key, value in self.settings.items():
                 f.write(f"{key} = {value}\n")
+
+    def password(self) -> str:
+        """The generated password of the ``postgres`` role."""
+        return self.passfile.read_text().strip().rsplit(":", 1)[1]
+
+    def init_standby(self, primary: PostgresCluster, slot: str) -> None:
+        """Make this cluster a physical standby of ``primary`` (``pg_basebackup``), streaming
+        through the physical slot ``slot``, which it creates there, with hot standby feedback:
+        what logical decoding on a standby needs."""
+        self._forget_orphan()
+        if self.initialized():
+            return
+        self._make_home()
+        password = primary.password()
+        with tempfile.NamedTemporaryFile("w", prefix="replicator-pw-") as passfile:
+            passfile.write(f"*:*:*:postgres:{password}\n")
+            passfile.flush()
+            os.chmod(passfile.name, 0o600)
+            if self.user is not None:
+                os.chown(passfile.name, self.user.pw_uid, self.user.pw_gid)
+            self._run(
+                [
+                    str(self.bindir / "pg_basebackup"),
+                    "-D",
+                    str(self.datadir),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(primary.port),
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-R",
+                    "-C",
+                    "-S",
+                    slot,
+                ],
+                env={"PGPASSFILE": passfile.name},
+            )
+        self._keep_password(password)
+        conninfo = f"host=127.0.0.1 port={primary.port} user=postgres password={password}"
+        with (self.datadir / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"primary_conninfo = '{conninfo}'\nhot_standby_feedback = on\n")
+
+    def promote(self) -> None:
+        """End recovery: the standby becomes a primary of its own."""
+        self._run([str(self.bindir / "pg_ctl"), "promote", "-w", "-D", str(self.datadir)])
 
     def _keep_password(self, password: str) -> None:
         self.passfile.touch(mode=0o600)

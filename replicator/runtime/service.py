@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import resource
 import signal
@@ -60,6 +61,18 @@ class _AdminServer(uvicorn.Server):
         yield
 
 
+def instance_id(port: int) -> str:
+    """An id for this instance that stays the same across its restarts: from the host name
+    (a container's, a pod's) and the port it listens on, so that instances on one host differ."""
+    seed = f"{socket.gethostname()}:{port}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:8]
+
+
+def slot_name(settings: Settings, port: int) -> str:
+    """``REPLICATOR_SLOT`` (the prefix) and this instance's id: each instance its own slot."""
+    return f"{settings.slot}_{settings.instance or instance_id(port)}"
+
+
 class Service:
     """One consumer, one hub, one app; the app's lifespan owns the background tasks."""
 
@@ -71,9 +84,12 @@ class Service:
         jwt_secret: str | None,
         demo_traffic: bool = False,
         max_connections: int | None = None,
+        slot: str | None = None,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
+        #: this instance's replication slot: the prefix and the instance's own id
+        self.slot = slot or slot_name(settings, settings.port)
         self.demo_traffic = demo_traffic
         self.guard = ConnectionGuard(
             header_timeout=settings.header_timeout_s,
@@ -81,7 +97,7 @@ class Service:
         )
         #: short connections opened again and again (slot checks, demo writes)
         self.pool = open_pool(dsn)
-        self.monitor = SlotMonitor(self.pool, settings.slot)
+        self.monitor = SlotMonitor(self.pool, self.slot)
         # the hub reads whichever state the consumer holds (a fresh snapshot replaces it)
         self.hub = Hub(
             lambda: self.consumer.state,
@@ -94,7 +110,10 @@ class Service:
         self.consumer = Consumer(
             ConsumerOptions(
                 dsn=dsn,
-                slot=settings.slot,
+                slot=self.slot,
+                slot_prefix=settings.slot,
+                slot_grace_s=settings.slot_grace_s,
+                primary_dsn=settings.primary_url,
                 publication=settings.publication,
                 schema=settings.schema,
                 decoder=settings.decoder,
@@ -325,7 +344,14 @@ def serve(settings: Settings) -> int:
             assert settings.database_url is not None
             dsn, secret = settings.database_url, settings.jwt_secret
         demo = settings.demo_traffic if settings.demo_traffic is not None else settings.embedded
-        service = Service(settings, dsn, jwt_secret=secret, demo_traffic=demo, max_connections=cap)
+        service = Service(
+            settings,
+            dsn,
+            jwt_secret=secret,
+            demo_traffic=demo,
+            max_connections=cap,
+            slot=slot_name(settings, port),
+        )
         if settings.embedded:
             from replicator.ops.demo import DEMO_USER, seed_demo
 
