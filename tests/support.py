@@ -23,6 +23,9 @@ def slot_env(slot: str) -> dict[str, str]:
     """The settings that make ``replicator serve`` stream from exactly ``slot``: the prefix
     (REPLICATOR_SLOT) and this instance's id, instead of one derived from host and port."""
     prefix, _, instance = slot.rpartition("_")
+    if not prefix:
+        # a bare prefix: the instance's id is derived, as in a deployment
+        return {"REPLICATOR_SLOT": slot}
     return {"REPLICATOR_SLOT": prefix, "REPLICATOR_INSTANCE": instance}
 
 
