@@ -247,7 +247,7 @@ def verify_and_doctor_on_the_embedded_default(data_dir: Path, embedded: dict[str
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert re.search(
-            r"^ok\s+wal senders\s+.*\(slot replicator is streaming\)$", checked.stdout, re.M
+            r"^ok\s+wal senders\s+.*\(1 streaming for the service\)$", checked.stdout, re.M
         )
         # Neither command stopped the server the service runs on.
         assert httpx.get(svc.url + "/readyz", timeout=10).status_code == 200
