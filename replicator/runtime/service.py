@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import resource
 import signal
@@ -30,6 +31,7 @@ from replicator.runtime.collector import FreezingCollector
 from replicator.runtime.connections import ConnectionGuard, protocol_class
 from replicator.runtime.embedded import embedded_database
 from replicator.runtime.monitor import SlotMonitor, open_pool
+from replicator.runtime.nudge import WalNudge
 from replicator.runtime.ops_metrics import RuntimeCollector
 from replicator.runtime.redact import RedactTokens
 from replicator.web.app import BadgeApp
@@ -82,6 +84,8 @@ class Service:
         #: short connections opened again and again (slot checks, demo writes)
         self.pool = open_pool(dsn)
         self.monitor = SlotMonitor(self.pool, settings.slot)
+        #: moves the stream past an LSN a reader waits for (min_lsn)
+        self.nudge = WalNudge(self.pool)
         # the hub reads whichever state the consumer holds (a fresh snapshot replaces it)
         self.hub = Hub(
             lambda: self.consumer.state,
@@ -104,6 +108,11 @@ class Service:
             on_live=self._on_live,
         )
         self.verifier = verifier_for(settings, jwt_secret)
+        demo = None
+        if settings.demo_enabled:
+            from replicator.ops.demo import demo_action
+
+            demo = functools.partial(demo_action, self.pool)
         self.web = BadgeApp(
             self.consumer.view,
             self.hub,
@@ -123,6 +132,8 @@ class Service:
             ],
             ops_elsewhere=settings.admin_address is not None,
             metrics_token=settings.metrics_token,
+            nudge=self.nudge.past,
+            demo=demo,
         )
         self.server: uvicorn.Server | None = None
         #: why the service stopped before it ever streamed
@@ -333,9 +344,10 @@ def serve(settings: Settings) -> int:
             assert secret is not None
             token = mint_token(secret, DEMO_USER, ttl=7 * 24 * 3600, audience=settings.jwt_audience)
             base = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}"
+            page = f"  demo page:  {base}/#access_token={token}\n" if settings.demo_enabled else ""
             print(
                 f"\n  replicator is starting on the embedded PostgreSQL\n"
-                f"  demo page:  {base}/#access_token={token}\n"
+                f"{page}"
                 f"  psql:       psql {dsn}\n"
                 f"  stream:     curl -N -H 'Authorization: Bearer {token}'"
                 f" {base}/v1/badges/stream\n",
