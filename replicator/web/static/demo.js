@@ -95,7 +95,7 @@
   }
 
   async function act(button) {
-    const { action, contact, device } = button.dataset;
+    const { action, contact, sync: device } = button.dataset;
     button.disabled = true;
     try {
       const response = await fetch("/v1/demo/actions", {
@@ -109,10 +109,10 @@
         // Read-your-writes: this device asks for the state as of its own write, so its
         // badge never shows the old count; the other device follows its stream.
         await devices[device].sync(body.lsn);
-        log(`${button.textContent.trim()}: committed at ${body.lsn}; device ${device.toUpperCase()}`
-          + ` asked for the state as of that LSN (min_lsn) and shows it at once.`);
+        log(`${button.textContent.trim()}: written; device ${device.toUpperCase()} asked for the`
+          + " state as of its write (min_lsn) and shows it at once, the other follows its stream.");
       } else {
-        log(`${button.textContent.trim()}: committed at ${body.lsn}; both devices follow the stream.`);
+        log(`${button.textContent.trim()}: written; both devices follow the stream.`);
       }
     } catch (err) {
       log(`${button.textContent.trim()} failed: ${err.message}`);
