@@ -7,6 +7,8 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$need postgresql-
 ls /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1 || need="$need postgresql-15-wal2json"
 # promtool checks the alert rules in docker/ against a real scrape
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+# tsc checks that badges.d.ts types an app's use of badges.mjs
+command -v tsc >/dev/null 2>&1 || need="$need node-typescript"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "system-deps: missing Debian packages:$need; install them with: sudo apt-get install -y$need" >&2
