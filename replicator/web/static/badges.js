@@ -49,6 +49,8 @@
   const TOKEN_TIMEOUT_MS = 10000;
   // A shared worker that says nothing this long after a tab joins does not run this file.
   const WORKER_TIMEOUT_MS = 5000;
+  // A wake-up this soon after an attempt started (and while it goes on) leaves it alone.
+  const WAKE_AGAIN_MS = 1000;
   const OFFLINE = { connected: false, live: false };
 
   const inWorker =
@@ -166,6 +168,7 @@
       this._timer = null;
       this._delay = 0;
       this._attempt = 0;
+      this._openedAt = 0;
       this._closed = false;
       this._open();
     }
@@ -184,6 +187,9 @@
     wake(force) {
       if (this._closed || this.status.error) return;
       if (this._source && this.status.connected && !force) return;
+      // Every tab of a shared stream passes the same wake-up on: one fresh attempt is enough.
+      const trying = this._openedAt && performance.now() - this._openedAt < WAKE_AGAIN_MS;
+      if (trying && !this.status.connected) return;
       this._delay = 0;
       this._restart();
     }
@@ -191,6 +197,7 @@
     // The browser says it is offline: the counts are not live, whatever the socket thinks.
     offline() {
       if (this._closed || this.status.error) return;
+      if (!this._source && !this.status.connected) return; // already waiting to retry
       this._drop();
       this._update(OFFLINE);
       this._retry();
@@ -198,6 +205,7 @@
 
     _drop() {
       this._attempt += 1;
+      this._openedAt = 0;
       clearTimeout(this._timer);
       if (this._source) this._source.close();
       this._source = null;
@@ -210,6 +218,7 @@
 
     async _open() {
       const attempt = ++this._attempt;
+      this._openedAt = performance.now();
       const url = new URL(this.options.url);
       let token;
       try {
@@ -317,6 +326,7 @@
     _retry() {
       if (this._closed) return;
       const { minDelay, maxDelay } = this.options;
+      this._openedAt = 0; // not trying now: waiting to
       this._delay = this._delay ? Math.min(this._delay * 2, maxDelay) : minDelay;
       const wait = this._delay * (0.9 + 0.2 * Math.random());
       clearTimeout(this._timer);
