@@ -17,7 +17,8 @@ run: $(STAMP)
 	$(BIN)/replicator serve
 
 # Debian packages the tests drive: Chromium for the browser tests, the PostgreSQL 15 server
-# (the second version under test) and its wal2json plugin, promtool (Debian's prometheus).
+# (the second version under test) and its wal2json plugin, promtool (Debian's prometheus),
+# tsc (node-typescript) for the client's type declarations.
 system-deps:
 	@scripts/system-deps.sh
 

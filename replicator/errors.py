@@ -7,6 +7,7 @@
     │   ├── BadgeFileError   a badges file that cannot be used (names file, badge and key)
     │   └── PredicateError   a badge's where outside the grammar or its columns' types
     ├── AuthError            a request's token is missing or not acceptable (safe to show)
+    ├── BadRequest           a request's parameters or body cannot be used (safe to show)
     ├── UnusableKey          a key that cannot verify tokens (a short RSA key, an odd curve)
     ├── JwksUnavailable      one JWKS fetch failed (logged; the keys already known stay)
     ├── DatabaseSetupError   the database is not set up for replication (publication, slot...)
@@ -42,6 +43,10 @@ class PredicateError(ConfigError):
 
 class AuthError(ReplicatorError):
     """A request's credentials are missing or not acceptable; the message is safe to show."""
+
+
+class BadRequest(ReplicatorError):
+    """A request's parameters or body cannot be used; the message says which and why."""
 
 
 class UnusableKey(ReplicatorError):

@@ -9,6 +9,8 @@ ls /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1 || need="$need postgres
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
 # the load balancer test puts docker/nginx.conf in front of two instances
 [ -x /usr/sbin/nginx ] || need="$need nginx"
+# tsc checks that badges.d.ts types an app's use of badges.mjs
+command -v tsc >/dev/null 2>&1 || need="$need node-typescript"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "system-deps: missing Debian packages:$need; install them with: sudo apt-get install -y$need" >&2

@@ -121,6 +121,12 @@ def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
     try:
         badges = first.badges()
         assert badges["user_id"] == DEMO_USER
+        # the embedded default serves the demo page (REPLICATOR_DEMO defaults to on here)
+        page = httpx.get(first.url + "/", timeout=10)
+        assert (
+            page.status_code == 200
+            and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        )
         seeded = badges["total_unread_messages"]
         assert isinstance(seeded, int) and seeded > 0
         with psycopg.connect(first.dsn, autocommit=True) as conn:

@@ -26,6 +26,7 @@ BAD = [
     ("REPLICATOR_MAX_STREAMS_PER_USER", "0"),
     ("REPLICATOR_HEARTBEAT_S", "-1"),
     ("REPLICATOR_DEMO_TRAFFIC", "maybe"),
+    ("REPLICATOR_DEMO", "sometimes"),
     ("DATABASE_URL", "mysql://localhost/db"),
 ]
 
@@ -48,6 +49,12 @@ def test_defaults_follow_the_contract() -> None:
     assert settings.data_dir == Path(".replicator")
     assert settings.embedded
     assert settings.max_streams_per_user == 10
+    # the demo page and its routes: with the embedded database, or when asked for
+    assert settings.demo_enabled
+    assert not load_settings({"DATABASE_URL": "postgresql://u@h/db"}).demo_enabled
+    url_and_demo = {"DATABASE_URL": "postgresql://u@h/db", "REPLICATOR_DEMO": "true"}
+    assert load_settings(url_and_demo).demo_enabled
+    assert not load_settings({"REPLICATOR_DEMO": "false"}).demo_enabled
 
 
 def test_flags_override_environment() -> None:

@@ -55,10 +55,17 @@ class Settings:
     instance: str | None = None
     slot_grace_s: float = 300.0
     primary_url: str | None = None
+    #: None: on with the embedded database only
+    demo: bool | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.database_url
+
+    @property
+    def demo_enabled(self) -> bool:
+        """Whether the demo page and its routes (which write demo rows) are served."""
+        return self.demo if self.demo is not None else self.embedded
 
 
 #: setting -> (environment variable, parser)
@@ -97,6 +104,7 @@ ENV: dict[str, str] = {
     "header_timeout_s": "REPLICATOR_HEADER_TIMEOUT_S",
     "admin_address": "REPLICATOR_ADMIN_ADDRESS",
     "metrics_token": "REPLICATOR_METRICS_TOKEN",
+    "demo": "REPLICATOR_DEMO",
 }
 
 #: shorter HS256 secrets are refused: RFC 7518 asks for a key at least as long as the hash
@@ -248,7 +256,7 @@ def _parse(key: str, text: str) -> Any:
         return _float(name, text, 0.05, 300)
     if key == "send_timeout_s":
         return _float(name, text, 0.1, 3600)
-    if key == "demo_traffic":
+    if key in ("demo_traffic", "demo"):
         return _bool(name, text)
     if key == "data_dir":
         return Path(text).expanduser()

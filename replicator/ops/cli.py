@@ -60,6 +60,8 @@ _HELP = {
     "admin_address": "host:port of a second listener for /metrics and the detailed /readyz;"
     " the main address then has no /metrics and a /readyz of one word (default: none)",
     "metrics_token": "bearer token that /metrics requires (default: none)",
+    "demo": "serve the demo page and its routes, which write demo rows for the token's user"
+    " (default: on with the embedded database only)",
 }
 #: extra spellings of a flag
 _ALIASES = {"admin_token": ["--token"]}

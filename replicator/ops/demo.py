@@ -10,6 +10,9 @@ import anyio
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from replicator.errors import BadRequest, ReplicatorError, one_line
+from replicator.pg.lsn import parse_lsn
+
 if TYPE_CHECKING:
     from replicator.runtime.monitor import Pool
 
@@ -99,3 +102,47 @@ async def _one_change(
             "UPDATE calls SET seen_at = now() WHERE callee_id = %s AND seen_at IS NULL",
             (DEMO_USER,),
         )
+
+
+#: what the demo page's buttons do, each for the token's user: a message or a missed call
+#: from a contact, reading a contact's messages, seeing every missed call
+ACTIONS = {
+    "message": (
+        "INSERT INTO messages (sender_id, recipient_id, body) VALUES (%(contact)s, %(user)s,"
+        " %(body)s)"
+    ),
+    "call": (
+        "INSERT INTO calls (caller_id, callee_id, status) VALUES (%(contact)s, %(user)s, 'missed')"
+    ),
+    "read": (
+        "UPDATE messages SET read_at = now()"
+        " WHERE recipient_id = %(user)s AND sender_id = %(contact)s AND read_at IS NULL"
+    ),
+    "seen": "UPDATE calls SET seen_at = now() WHERE callee_id = %(user)s AND seen_at IS NULL",
+}
+
+
+async def demo_action(pool: Pool, user: str, action: object, contact: object) -> int:
+    """Do one of ``ACTIONS`` for ``user`` and return the WAL position after its commit, as an
+    app reads it for read-your-writes (``min_lsn``)."""
+    if action not in ACTIONS:
+        raise BadRequest(f"action {str(action)[:40]!r} is not one of {', '.join(ACTIONS)}")
+    if action != "seen" and contact not in CONTACTS:
+        raise BadRequest(f"contact {str(contact)[:40]!r} is not one of the demo contacts")
+    params = {"user": user, "contact": contact, "body": random.choice(_LINES)}
+    try:
+        async with pool.connection(timeout=10) as conn:
+            await conn.execute(ACTIONS[str(action)], params)
+            cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
+            row = await cur.fetchone()
+    except (psycopg.errors.InvalidTextRepresentation, psycopg.errors.UndefinedTable) as exc:
+        raise BadRequest(
+            "the demo writes to the default schema's messages and calls for uuid users;"
+            f" this database or user does not fit: {one_line(exc)}"
+        ) from None
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise ReplicatorError(
+            f"the database did not take the demo's write: {one_line(exc)}"
+        ) from None
+    assert row is not None
+    return parse_lsn(str(row[0]))

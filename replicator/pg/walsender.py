@@ -175,6 +175,7 @@ class ReplicationConnection:
         *,
         status_interval: float = 10.0,
         silence_timeout: float = 60.0,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         """Read copy-both messages until the connection breaks (``ReplicationLost``).
 
@@ -183,6 +184,8 @@ class ReplicationConnection:
         ``status_interval`` seconds, each asking the server for a keepalive in reply: so even
         an idle server says something every ``status_interval``, and one that has said nothing
         for ``silence_timeout`` seconds is taken for gone (a half-open connection).
+        ``on_idle()`` is called whenever what has arrived is handled, before waiting for more
+        (and between slices of a long burst): once per batch rather than once per message.
         """
         pgconn = self._pgconn
         get_copy_data = pgconn.get_copy_data
@@ -223,6 +226,8 @@ class ReplicationConnection:
                     count += 1
                     if count & 127 == 0 and monotonic() > slice_end:
                         self.heard_at = slice_end
+                        if on_idle is not None:
+                            on_idle()
                         break
                 elif nbytes == 0:
                     if not polled:
@@ -235,6 +240,8 @@ class ReplicationConnection:
                             raise ReplicationLost(f"replication stream broke: {exc}") from exc
                         continue
                     polled = False
+                    if on_idle is not None and count:
+                        on_idle()
                     now = monotonic()
                     if count:
                         self.heard_at, count = now, 0

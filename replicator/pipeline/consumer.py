@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -140,6 +143,9 @@ class Consumer:
         self.started = False
         self._repl: ReplicationConnection | None = None
         self._slot_created = False
+        #: (lsn, order, future) of requests waiting for the applied LSN to reach lsn
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
         self.view = ConsumerView(self)
 
     # -- status ----------------------------------------------------------------------------
@@ -179,6 +185,35 @@ class Consumer:
         if lag > self.options.ready_lag_bytes:
             return f"applied WAL is {lag} bytes behind what the server sent"
         return None
+
+    async def reached(self, lsn: int) -> bool:
+        """Wait until everything up to ``lsn`` is applied (True), or replication has stopped
+        for good (False)."""
+        if self.feed.applied_lsn >= lsn:
+            return True
+        if self.error is not None:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (lsn, next(self._order), waiter)
+        heapq.heappush(self._waiters, entry)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+        return self.feed.applied_lsn >= lsn
+
+    def _wake(self) -> None:
+        """Release the waiters whose LSN is applied (all of them once replication stopped)."""
+        waiters = self._waiters
+        applied = self.feed.applied_lsn
+        stopped = self.error is not None
+        while waiters and (stopped or waiters[0][0] <= applied):
+            waiter = heapq.heappop(waiters)[2]
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _set_live(self, live: bool) -> None:
         if live != self.live:
@@ -249,6 +284,7 @@ class Consumer:
     async def _stop(self, error: ReplicatorError) -> None:
         """Stop streaming for good: ``error`` is what ``/readyz`` reports."""
         self.error = str(error)
+        self._wake()
         self._set_live(False)
         await self._close_repl()
 
@@ -272,6 +308,7 @@ class Consumer:
                     lambda: self.feed.applied_lsn,
                     status_interval=self.options.status_interval,
                     silence_timeout=self.options.silence_timeout,
+                    on_idle=self._wake_if_waiting,
                 )
             except Exception as exc:
                 failure.append(exc)
@@ -480,6 +517,7 @@ class Consumer:
         self._use_state(state, lsn, badges, tables)
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
+        self._wake_if_waiting()
 
     async def _resume(self) -> None:
         opts = self.options
@@ -520,6 +558,10 @@ class Consumer:
             if not first and "does not exist" in str(exc):
                 raise SlotMissing(f"replication slot {self.options.slot!r} is gone") from exc
             raise
+
+    def _wake_if_waiting(self) -> None:
+        if self._waiters:
+            self._wake()
 
     def _on_keepalive(self, keepalive: Keepalive) -> None:
         # Between transactions, everything that committed before wal_end has reached us.
@@ -576,6 +618,11 @@ class ConsumerView:
     @property
     def applied_lsn(self) -> int:
         return self._consumer.applied_lsn
+
+    async def reached(self, lsn: int) -> bool:
+        """Wait until every transaction that committed at or before ``lsn`` is applied
+        (True), or replication has stopped for good (False). Bound it with a cancel scope."""
+        return await self._consumer.reached(lsn)
 
     def lag_bytes(self) -> int:
         return self._consumer.lag_bytes()

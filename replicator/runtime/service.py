@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import resource
@@ -31,6 +32,7 @@ from replicator.runtime.collector import FreezingCollector
 from replicator.runtime.connections import ConnectionGuard, protocol_class
 from replicator.runtime.embedded import embedded_database
 from replicator.runtime.monitor import SlotMonitor, open_pool
+from replicator.runtime.nudge import WalNudge
 from replicator.runtime.ops_metrics import RuntimeCollector
 from replicator.runtime.redact import RedactTokens
 from replicator.web.app import BadgeApp
@@ -98,6 +100,10 @@ class Service:
         #: short connections opened again and again (slot checks, demo writes)
         self.pool = open_pool(dsn)
         self.monitor = SlotMonitor(self.pool, self.slot)
+        #: what must be written on the primary (with a standby, REPLICATOR_PRIMARY_URL)
+        self.primary_pool = open_pool(settings.primary_url) if settings.primary_url else self.pool
+        #: moves the stream past an LSN a reader waits for (min_lsn)
+        self.nudge = WalNudge(self.primary_pool)
         # the hub reads whichever state the consumer holds (a fresh snapshot replaces it)
         self.hub = Hub(
             lambda: self.consumer.state,
@@ -123,6 +129,11 @@ class Service:
             on_live=self._on_live,
         )
         self.verifier = verifier_for(settings, jwt_secret)
+        demo = None
+        if settings.demo_enabled:
+            from replicator.ops.demo import demo_action
+
+            demo = functools.partial(demo_action, self.pool)
         self.web = BadgeApp(
             self.consumer.view,
             self.hub,
@@ -142,6 +153,8 @@ class Service:
             ],
             ops_elsewhere=settings.admin_address is not None,
             metrics_token=settings.metrics_token,
+            nudge=self.nudge.past,
+            demo=demo,
         )
         self.server: uvicorn.Server | None = None
         #: why the service stopped before it ever streamed
@@ -185,6 +198,8 @@ class Service:
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.pool.open(wait=False)
+        if self.primary_pool is not self.pool:
+            await self.primary_pool.open(wait=False)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run_consumer)
@@ -208,6 +223,8 @@ class Service:
         finally:
             with anyio.move_on_after(5, shield=True):
                 await self.pool.close()
+                if self.primary_pool is not self.pool:
+                    await self.primary_pool.close()
 
     async def _count_open_files(self, interval: float = 2.0) -> None:
         """Keep the open-files metric fresh off the event loop: listing /proc/self/fd takes
@@ -359,9 +376,10 @@ def serve(settings: Settings) -> int:
             assert secret is not None
             token = mint_token(secret, DEMO_USER, ttl=7 * 24 * 3600, audience=settings.jwt_audience)
             base = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}"
+            page = f"  demo page:  {base}/#access_token={token}\n" if settings.demo_enabled else ""
             print(
                 f"\n  replicator is starting on the embedded PostgreSQL\n"
-                f"  demo page:  {base}/#access_token={token}\n"
+                f"{page}"
                 f"  psql:       psql {dsn}\n"
                 f"  stream:     curl -N -H 'Authorization: Bearer {token}'"
                 f" {base}/v1/badges/stream\n",

@@ -6,10 +6,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -17,11 +19,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from replicator.errors import BadRequest, ProtocolError, ReplicatorError
 from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_status_event
 from replicator.ops.demo import CONTACTS
-from replicator.pg.lsn import format_lsn
+from replicator.pg.lsn import format_lsn, parse_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
 from replicator.web.cors import CorsMiddleware, CorsPolicy
+from replicator.web.headers import COMMON, DATA_POLICY, SecurityHeaders
 from replicator.web.metrics import ProcessMetrics, registry_for, render
 from replicator.web.stream import BadgeStreamResponse
 from replicator.web.tickets import Tickets
@@ -33,10 +37,44 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_QUERY_LENGTH = 4096
+#: how long ``min_lsn`` waits for the stream to pass the LSN before answering 503
+MIN_LSN_WAIT_S = 5.0
+#: how long the stream may take to bring an LSN by itself before a message moves it on
+NUDGE_AFTER_S = 0.02
+#: what a 503 for ``min_lsn`` asks the client to wait
+MIN_LSN_RETRY_S = 2
+#: the largest LSN PostgreSQL has
+MAX_LSN = (1 << 64) - 1
+#: the demo page's request bodies are a few words
+MAX_DEMO_BODY = 1024
+
+#: files served from ``static/``: name -> media type (the demo's only with the demo on)
+CLIENT_FILES = {
+    "badges.js": "text/javascript",
+    "badges.mjs": "text/javascript",
+    "badges.d.ts": "application/typescript; charset=utf-8",
+}
+DEMO_FILES = {"index.html": "text/html", "demo.js": "text/javascript", "demo.css": "text/css"}
+
+#: does a demo action for a user and returns the WAL position after its commit
+DemoActions = Callable[[str, object, object], Awaitable[int]]
+#: makes the stream pass an LSN soon; returns the server's WAL position then (or None)
+Nudge = Callable[[int], Awaitable[int | None]]
+
+#: error responses carry the security headers themselves (the stream route's pass the
+#: middleware by)
+_ERROR_HEADERS = {
+    "Content-Security-Policy": DATA_POLICY.decode(),
+    **{name.decode(): value.decode() for name, value in COMMON},
+}
 
 
 def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": code, "message": message},
+        status_code=status,
+        headers={**_ERROR_HEADERS, **headers},
+    )
 
 
 def unauthorized(message: str) -> JSONResponse:
@@ -119,6 +157,9 @@ class BadgeApp:
         collectors: Sequence[Collector] = (),
         ops_elsewhere: bool = False,
         metrics_token: str | None = None,
+        nudge: Nudge | None = None,
+        demo: DemoActions | None = None,
+        min_lsn_wait: float = MIN_LSN_WAIT_S,
     ) -> None:
         self.consumer = consumer
         self.hub = hub
@@ -127,6 +168,9 @@ class BadgeApp:
         self.cors = cors or CorsPolicy(())
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
+        self.nudge = nudge
+        self.demo = demo
+        self.min_lsn_wait = min_lsn_wait
         #: resident memory, CPU seconds and open file descriptors of this process
         self.process = ProcessMetrics()
         self.registry = registry_for(consumer, hub, self.process, *collectors)
@@ -149,16 +193,24 @@ class BadgeApp:
             Route("/v1/badges/ticket", self._guard(self.ticket, "ticket"), methods=["POST"]),
             Route("/v1/admin/badges", self._guard(self.all_badges, "admin"), methods=["GET"]),
             *public_ops,
-            Route("/", self.index, methods=["GET"]),
-            Route("/badges.js", self.client_js, methods=["GET"]),
-            Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
+            *(static_route(name, media) for name, media in CLIENT_FILES.items()),
         ]
+        if demo is not None:
+            routes += [
+                static_route("index.html", DEMO_FILES["index.html"], path="/"),
+                *(static_route(name, media) for name, media in DEMO_FILES.items()),
+                Route("/v1/demo/contacts", self.demo_contacts, methods=["GET"]),
+                Route(
+                    "/v1/demo/actions", self._guard(self.demo_action, "bearer"), methods=["POST"]
+                ),
+            ]
+        security = Middleware(SecurityHeaders, skip=("/v1/badges/stream",))
         self.app = Starlette(
             routes=routes,
             lifespan=lifespan,
-            middleware=[Middleware(CorsMiddleware, policy=self.cors)],
+            middleware=[security, Middleware(CorsMiddleware, policy=self.cors)],
         )
-        self.admin_app = Starlette(routes=ops)
+        self.admin_app = Starlette(routes=ops, middleware=[security])
 
     def _guard(
         self, handler: Callable[[Request, Identity], Awaitable[Response]], kind: str = "user"
@@ -177,9 +229,9 @@ class BadgeApp:
     async def _identify(self, request: Request, kind: str) -> Identity:
         if kind == "admin":
             return await self.verifier.verify_admin(token_from(request, self.cors))
-        if kind == "ticket":
-            # Its point is to keep the token out of URLs, and a cookie could be sent by a
-            # page the user did not mean to trust.
+        if kind in ("ticket", "bearer"):
+            # A ticket's point is to keep the token out of URLs, and a write must not ride
+            # on a cookie that a page the user did not mean to trust could send.
             token = bearer_token(request)
             if token is None:
                 raise AuthError("send the token as Authorization: Bearer <token>")
@@ -191,6 +243,9 @@ class BadgeApp:
         return await self.verifier.verify(token_from(request, self.cors))
 
     async def stream(self, request: Request, identity: Identity) -> Response:
+        refused = await self._reach(request)
+        if refused is not None:
+            return refused
         try:
             sub = self.hub.subscribe(
                 identity.user_id,
@@ -216,7 +271,65 @@ class BadgeApp:
     def status_event(self) -> bytes:
         return encode_status_event(self.consumer.live, int(self.consumer.lag_seconds() * 1000))
 
+    async def _reach(self, request: Request) -> Response | None:
+        """Wait until the state holds every transaction committed at or before ``min_lsn``
+        (when given); the refusal to send otherwise."""
+        text = request.query_params.get("min_lsn")
+        if text is None:
+            return None
+        try:
+            lsn = parse_lsn(text)
+            if not 0 <= lsn <= MAX_LSN:
+                raise ProtocolError("out of range")
+        except ProtocolError:
+            return error(
+                400,
+                "bad_request",
+                f"min_lsn={text[:40]!r} is not an LSN; pass the X/Y text that"
+                " pg_current_wal_lsn() returns after your commit",
+            )
+        consumer = self.consumer
+        deadline = time.monotonic() + self.min_lsn_wait
+
+        async def reached(until: float) -> bool:
+            with anyio.move_on_after(max(0.0, until - time.monotonic())):
+                return await consumer.reached(lsn)
+            return False
+
+        # A commit just made is usually on its way: give it a moment before writing.
+        if await reached(min(time.monotonic() + NUDGE_AFTER_S, deadline)):
+            return None
+        if self.nudge is not None and consumer.error is None:
+            after = None
+            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                after = await self.nudge(lsn)
+            if after is not None and lsn > after:
+                return error(
+                    400,
+                    "bad_request",
+                    f"min_lsn {format_lsn(lsn)} is ahead of the database's WAL"
+                    f" ({format_lsn(after)}); pass the LSN that pg_current_wal_lsn() returns"
+                    " after your commit",
+                )
+        if await reached(deadline):
+            return None
+        if consumer.error is not None:
+            why = f"replication has stopped: {consumer.error}"
+        elif not consumer.live:
+            why = "the replication stream is down"
+        else:
+            why = f"the service has applied the WAL up to {format_lsn(consumer.applied_lsn)}"
+        return error(
+            503,
+            "not_yet",
+            f"min_lsn {format_lsn(lsn)} not reached within {self.min_lsn_wait:g} s: {why}",
+            **{"Retry-After": str(MIN_LSN_RETRY_S)},
+        )
+
     async def badges(self, request: Request, identity: Identity) -> Response:
+        refused = await self._reach(request)
+        if refused is not None:
+            return refused
         payload = badges_payload(identity.user_id, self.hub.state)
         return JSONResponse(payload, headers={"Cache-Control": "no-store"})
 
@@ -292,16 +405,45 @@ class BadgeApp:
                 )
         return Response(render(self.registry), media_type="text/plain; version=0.0.4")
 
-    async def index(self, request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    async def client_js(self, request: Request) -> Response:
-        return FileResponse(
-            STATIC / "badges.js",
-            media_type="text/javascript",
-            headers={"Cache-Control": "no-cache"},
-        )
-
     async def demo_contacts(self, request: Request) -> Response:
         """The demo contacts' names by user id, for the demo page."""
         return JSONResponse(CONTACTS)
+
+    async def demo_action(self, request: Request, identity: Identity) -> Response:
+        """One of the demo page's buttons, for the token's user: ``{"action", "contact"}``
+        in, ``{"lsn"}`` (the WAL position after the commit, for ``min_lsn``) out."""
+        assert self.demo is not None
+        try:
+            body = await small_json(request, MAX_DEMO_BODY)
+            lsn = await self.demo(identity.user_id, body.get("action"), body.get("contact"))
+        except BadRequest as exc:
+            return error(400, "bad_request", str(exc))
+        except ReplicatorError as exc:
+            return error(503, "unavailable", str(exc), **{"Retry-After": "5"})
+        return JSONResponse({"lsn": format_lsn(lsn)}, headers={"Cache-Control": "no-store"})
+
+
+def static_route(name: str, media_type: str, *, path: str | None = None) -> Route:
+    """``GET /name`` (or ``path``): the file ``static/name``, revalidated on every load."""
+    file = STATIC / name
+
+    async def serve(request: Request) -> Response:
+        return FileResponse(file, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return Route(path or "/" + name, serve, methods=["GET"])
+
+
+async def small_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request's body as a JSON object of at most ``limit`` bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"the request body is over {limit} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequest("the request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body is not a JSON object")
+    return data

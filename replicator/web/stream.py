@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from replicator.fanout.hub import HEARTBEAT, REAUTHENTICATE, Hub, Subscriber
+from replicator.web.headers import DATA_HEADERS
 
 RETRY_MS = 2000
 #: sent ahead of the first event, inside its block
@@ -30,6 +31,7 @@ RAW_HEADERS = [
     (b"connection", b"keep-alive"),
     (b"x-accel-buffering", b"no"),
     (b"content-type", b"text/event-stream; charset=utf-8"),
+    *DATA_HEADERS,
 ]
 START: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": RAW_HEADERS}
 END: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": False}
