@@ -157,6 +157,17 @@ async def test_two_instances_decode_on_a_standby(tmp_root: Path) -> None:
                     await assert_exact(b, db.dsn)
                     assert len(await slots(standby_dsn, "standby")) == 2
                     assert await slots(db.dsn, "standby") == [], "the primary decodes nothing"
+                    # read-your-writes: the position comes from the primary, as an app reads it
+                    async with await psycopg.AsyncConnection.connect(db.dsn) as conn:
+                        cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
+                        lsn = str((await cur.fetchone() or [""])[0])
+                    answer = httpx.get(
+                        a.url + "/v1/badges",
+                        params={"min_lsn": lsn},
+                        headers={"Authorization": f"Bearer {a.token(workload.people[0])}"},
+                        timeout=30,
+                    )
+                    assert answer.status_code == 200, answer.text
             assert "pg_log_standby_snapshot" not in a.log, "the primary answered the nudge"
 
 
