@@ -19,7 +19,7 @@ from typing import Any
 
 from replicator.badges.predicate import RowTest
 from replicator.badges.spec import Badge
-from replicator.badges.state import BadgeState, Pair
+from replicator.badges.state import BadgeState, Changes, Pair
 from replicator.errors import SchemaError
 from replicator.pg.changes import Projection, Relation, Values
 
@@ -34,8 +34,8 @@ WARN_EVERY_S = 60.0
 class Applier:
     """Applies the rows of badge tables to a ``BadgeState``, one transaction at a time.
 
-    ``on_commit`` is called with the commit LSN and the changed users after each transaction
-    that changed something.
+    ``on_commit`` is called with the commit LSN and what changed for whom after each
+    transaction that changed something.
     """
 
     def __init__(
@@ -43,7 +43,7 @@ class Applier:
         state: BadgeState,
         badges: Sequence[Badge],
         *,
-        on_commit: Callable[[int, set[str]], None] | None = None,
+        on_commit: Callable[[int, Changes], None] | None = None,
     ) -> None:
         self.state = state
         self.badges = tuple(badges)
