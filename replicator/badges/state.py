@@ -1,8 +1,9 @@
 """Badge state: per-user counts by counterpart, one map per badge, changed only at commit.
 
 Kept compact, because a million users must fit in a few hundred MB. Ids are held in a compact
-form that depends only on their text (``key_of``): the canonical text of a uuid becomes its 16
-bytes, a canonical integer an ``int``, anything else stays text; so no column type is needed
+form that depends only on their text (``key_of``): the canonical text of a uuid becomes an
+``int`` above ``UUID_BASE``, a canonical integer an ``int``, anything else stays text (a 129-bit
+int takes 48 bytes of memory, a 36-character str 96); so no column type is needed
 and the text form, which is what users are known by, always comes back exactly. A user with
 few counts keeps them all in one ``bytes`` of records (badge, counterpart, count); a user with
 many keeps one dict per badge and the totals (``Wide``), so that a change costs what it
@@ -19,18 +20,25 @@ from replicator.pg.lsn import format_lsn
 logger = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
-Key = bytes | int | str
+Key = int | str
 #: per badge, the counterparts whose counts a commit moved -> their new count (0: cleared)
 Moved = list[dict[str, int]]
 #: what a commit changed, by user: what moved, or None when only the whole state will do
-Changes = dict[str, Moved | None]
+Changes = Mapping[str, Moved | None]
 
 #: a user whose records take more bytes than this keeps dicts instead (about 9 uuids)
 SMALL_BYTES = 200
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+#: uuids are keyed by their 128 bits plus this, above every integer id
+UUID_BASE = 2**128
 #: a count outside a signed 32-bit record field makes the user wide
 _COUNT_LIMIT = 2**31
 _UUID, _INT, _TEXT = 0, 1, 2
+#: record count fields of the most common counts, made once (fewer short-lived objects
+#: while the snapshot loads means less memory left in holes between long-lived ones)
+_COUNTS = [n.to_bytes(4, "big", signed=True) for n in range(4096)]
+#: 0x01 then a uuid's 16 bytes is its key, UUID_BASE + its 128 bits
+_UUID_HIGH = b"\x01"
 
 
 def key_of(text: str) -> Key:
@@ -45,7 +53,7 @@ def key_of(text: str) -> Key:
                 return text
             # fromhex also takes upper case and spaces: only the canonical text is compacted
             if len(raw) == 16 and raw.hex() == digits:
-                return raw
+                return int.from_bytes(raw) + UUID_BASE
         return text
     if 0 < n <= 20 and text.isascii() and (text.isdigit() or text[1:].isdigit()):
         try:
@@ -57,20 +65,27 @@ def key_of(text: str) -> Key:
     return text
 
 
+def uuid_key(raw: bytes) -> int:
+    """The key of a uuid read as its 16 bytes."""
+    return int.from_bytes(raw) + UUID_BASE
+
+
+def _uuid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def text_of(key: Key) -> str:
-    if type(key) is bytes:
-        h = key.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     if type(key) is int:
-        return str(key)
+        return _uuid_text((key - UUID_BASE).to_bytes(16)) if key >= UUID_BASE else str(key)
     return key  # type: ignore[return-value]
 
 
 def _ident(badge: int, key: Key) -> bytes:
     """A record's identity: the badge, the counterpart's kind and its bytes."""
-    if type(key) is bytes:
-        return bytes((badge, _UUID)) + key
     if type(key) is int:
+        if key >= UUID_BASE:
+            return bytes((badge, _UUID)) + (key - UUID_BASE).to_bytes(16)
         return bytes((badge, _INT)) + key.to_bytes(8, "big", signed=True)
     encoded = key.encode()  # type: ignore[union-attr]
     return bytes((badge, _TEXT)) + len(encoded).to_bytes(4, "big") + encoded
@@ -97,7 +112,7 @@ def _parse(blob: bytes) -> dict[bytes, int]:
 def _counterpart(ident: bytes) -> str:
     kind = ident[1]
     if kind == _UUID:
-        return text_of(ident[2:])
+        return _uuid_text(ident[2:])
     if kind == _INT:
         return str(int.from_bytes(ident[2:], "big", signed=True))
     return ident[6:].decode()
@@ -192,66 +207,75 @@ class BadgeState:
         for key, held in self._users.items():
             yield text_of(key), self._view(held)
 
-    def differences(self, other: BadgeState) -> Changes:
-        """The users whose counts differ between this state and ``other``, all as None."""
-        mine, theirs = self._users, other._users
-        found: Changes = {}
-        for key in mine.keys() | theirs.keys():
-            a, b = mine.get(key), theirs.get(key)
-            if a != b and self._view(a) != other._view(b):
-                found[text_of(key)] = None
-        return found
+    def differences(self, other: BadgeState) -> Differences:
+        """The users whose counts differ between this state and ``other``."""
+        return Differences(self, other)
 
     # -- writing ---------------------------------------------------------------------------
 
-    def load(self, badge: int, rows: Iterable[tuple[Key, Key, int]]) -> None:
+    def load(self, badge: int, rows: Iterable[tuple[bytes | Key, bytes | Key, int]]) -> None:
         """Add snapshot rows of one badge: (user, counterpart, count), each pair once.
 
-        Ids may come as text or already compact (16 bytes for a uuid, an int for an integer
-        column), as the snapshot reads them.
+        Ids may come as text, as their key, or a uuid as its 16 bytes, as the snapshot reads
+        them.
         """
         users = self._users
         get = users.get
-        names = len(self.names)
-        uuid_head, int_head, text_head = bytes((badge, _UUID)), bytes((badge, _INT)), badge
+        uuid_head, join, counts = bytes((badge, _UUID)), b"".join, _COUNTS
         for user, counterpart, count in rows:
             if not count:
                 continue
-            if type(user) is str:
-                user = key_of(user)
-            if type(counterpart) is str:
-                counterpart = key_of(counterpart)
-            if type(counterpart) is bytes:
-                ident = uuid_head + counterpart
-            elif type(counterpart) is int:
-                ident = int_head + counterpart.to_bytes(8, "big", signed=True)
+            key: Key
+            if isinstance(user, bytes):
+                key = int.from_bytes(_UUID_HIGH + user)
             else:
-                ident = _ident(text_head, counterpart)
-            held = get(user)
-            if type(held) is Wide:
-                held.maps[badge][text_of(counterpart)] = count
-                held.totals[badge] += count
-                continue
-            if -_COUNT_LIMIT <= count < _COUNT_LIMIT:
-                record = ident + count.to_bytes(4, "big", signed=True)
+                key = key_of(user) if isinstance(user, str) else user
+            held = get(key)
+            if isinstance(counterpart, bytes) and 0 < count < 4096 and not isinstance(held, Wide):
+                # the common case, with one allocation for the record
+                record = join((uuid_head, counterpart, counts[count]))
                 if held is None:
-                    users[user] = record
+                    users[key] = record
                     continue
-                if len(held) + len(record) <= SMALL_BYTES:  # type: ignore[arg-type]
-                    users[user] = held + record  # type: ignore[operator]
+                if len(held) + len(record) <= SMALL_BYTES:
+                    users[key] = held + record
                     continue
-            records = {} if held is None else _parse(held)  # type: ignore[arg-type]
-            records[ident] = count
-            users[user] = _widen(records, names)
+            self._add(key, held, badge, counterpart, count)
+
+    def _add(
+        self, key: Key, held: bytes | Wide | None, badge: int, counterpart: bytes | Key, count: int
+    ) -> None:
+        """One snapshot row, any ids and count."""
+        if isinstance(counterpart, bytes):
+            ident = bytes((badge, _UUID)) + counterpart
+        else:
+            ident = _ident(
+                badge, key_of(counterpart) if isinstance(counterpart, str) else counterpart
+            )
+        if isinstance(held, Wide):
+            held.maps[badge][_counterpart(ident)] = count
+            held.totals[badge] += count
+            return
+        if -_COUNT_LIMIT <= count < _COUNT_LIMIT:
+            record = ident + count.to_bytes(4, "big", signed=True)
+            if held is None:
+                self._users[key] = record
+                return
+            if len(held) + len(record) <= SMALL_BYTES:
+                self._users[key] = held + record
+                return
+        records = {} if held is None else _parse(held)
+        records[ident] = count
+        self._users[key] = _widen(records, len(self.names))
 
     def merge(
         self,
         deltas: Sequence[Mapping[Pair, int]],
         truncated: set[int],
         lsn: int,
-    ) -> Changes:
+    ) -> dict[str, Moved | None]:
         """Apply one committed transaction; return what it changed for whom."""
-        changes: Changes = {}
+        changes: dict[str, Moved | None] = {}
         if truncated:
             self._truncate(truncated, changes)
         # A user's records are read and written once per transaction, whatever it touched.
@@ -322,7 +346,7 @@ class BadgeState:
                 format_lsn(lsn),
             )
 
-    def _truncate(self, truncated: set[int], changes: Changes) -> None:
+    def _truncate(self, truncated: set[int], changes: dict[str, Moved | None]) -> None:
         users = self._users
         for key, held in list(users.items()):
             if type(held) is Wide:
@@ -343,3 +367,42 @@ class BadgeState:
                 else:
                     del users[key]
             changes[text_of(key)] = None
+
+
+class Differences(Mapping[str, None]):
+    """The users whose counts differ between two states, each worked out when asked: after a
+    fresh snapshot of a million users, only the connected ones need to be."""
+
+    def __init__(self, old: BadgeState, new: BadgeState) -> None:
+        self._old, self._new = old, new
+        self._count: int | None = None
+
+    def _differ(self, key: Key) -> bool:
+        a, b = self._old._users.get(key), self._new._users.get(key)
+        if a is None or b is None:
+            return a is not b
+        return a != b and self._old._view(a) != self._new._view(b)
+
+    def __contains__(self, user: object) -> bool:
+        return isinstance(user, str) and self._differ(key_of(user))
+
+    def __getitem__(self, user: str) -> None:
+        if user not in self:
+            raise KeyError(user)
+
+    def __iter__(self) -> Iterator[str]:
+        old, new = self._old._users, self._new._users
+        for key in new:
+            if key not in old or self._differ(key):
+                yield text_of(key)
+        for key in old:
+            if key not in new:
+                yield text_of(key)
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self)
+        return self._count
+
+    def __bool__(self) -> bool:
+        return next(iter(self), None) is not None

@@ -534,13 +534,16 @@ class Hub:
         return event
 
     def publish(self, lsn: int, changes: Changes) -> None:
-        """After a commit: hand every stream of each changed user what changed."""
+        """After a commit: hand every stream of each changed user what changed.
+
+        A commit's changes (a dict) are walked when fewer than the connected users; others
+        (a fresh snapshot's differences) are only asked about connected users."""
         self._whole.clear()
         by_user = self._by_user
-        if len(changes) > len(by_user):
-            targets = [u for u in by_user if u in changes]
-        else:
+        if type(changes) is dict and len(changes) <= len(by_user):
             targets = [u for u in changes if u in by_user]
+        else:
+            targets = [u for u in by_user if u in changes]
         state = self.state
         stats = self.stats
         for user in targets:
