@@ -249,11 +249,14 @@ async def open_stream(
             yield EventReader(response)
 
 
-def stalled_stream(url: str, token: str, query: str = "") -> socket.socket:
+def stalled_stream(
+    url: str, token: str, query: str = "", *, receive_buffer: int = 4096
+) -> socket.socket:
     """Open a stream on a raw socket with a small receive buffer, then never read from it."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
     sock.sendall(
         f"GET /v1/badges/stream{'?' + query if query else ''} HTTP/1.1\r\nHost: {host}\r\n"
         f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
@@ -388,3 +389,90 @@ def test_a_page_on_another_origin_uses_fetch_and_eventsource(
             finally:
                 for page in pages.values():
                     page.context.close()
+
+
+def test_badges_js_shows_exact_counts_while_changes_arrive(database: Database, page: Page) -> None:
+    """A random run of reads, messages, missed calls and seen calls, some in bursts: the page's
+    state (the first ``badges`` with every ``badges-change`` merged by badges.js) and its
+    totals end equal to the badge queries."""
+    dsn = database.dsn
+    rng = random.Random(3)
+    movers = list(CONTACTS)
+    # senders whose messages stay unread, so that no change is larger than the whole state
+    # and every event after the first is a badges-change
+    steady = [str(uuid.UUID(int=0xD00 + i, version=4)) for i in range(8)]
+    for sender in steady:
+        message(dsn, sender)
+    with running_service(dsn, database.slot) as service:
+        open_demo(page, service)
+        page.wait_for_function("window.badges && window.badges.state")
+        page.evaluate(
+            """(token) => {
+                window.kinds = [];
+                const source = new EventSource(`/v1/badges/stream?access_token=${token}`);
+                for (const kind of ["badges", "badges-change"]) {
+                    source.addEventListener(kind, () => window.kinds.push(kind));
+                }
+            }""",
+            service.token(DEMO_USER),
+        )
+        page.wait_for_function("window.kinds.length === 1")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(80):
+                with conn.transaction():
+                    for _ in range(rng.randint(1, 3)):
+                        person, op = rng.choice(movers), rng.random()
+                        if op < 0.5:
+                            conn.execute(
+                                "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+                                (person, DEMO_USER),
+                            )
+                        elif op < 0.7:
+                            conn.execute(
+                                "UPDATE messages SET read_at = now()"
+                                " WHERE recipient_id = %s AND sender_id = %s",
+                                (DEMO_USER, person),
+                            )
+                        elif op < 0.9:
+                            conn.execute(
+                                "INSERT INTO calls (caller_id, callee_id, status)"
+                                " VALUES (%s, %s, 'missed')",
+                                (person, DEMO_USER),
+                            )
+                        else:
+                            conn.execute(
+                                "UPDATE calls SET seen_at = now() WHERE callee_id = %s",
+                                (DEMO_USER,),
+                            )
+            unread_now = dict(
+                conn.execute(
+                    "SELECT sender_id::text, count(*) FROM messages WHERE recipient_id = %s"
+                    " AND read_at IS NULL GROUP BY 1",
+                    (DEMO_USER,),
+                ).fetchall()
+            )
+            calls = dict(
+                conn.execute(
+                    "SELECT caller_id::text, count(*) FROM calls WHERE callee_id = %s"
+                    " AND status = 'missed' AND seen_at IS NULL GROUP BY 1",
+                    (DEMO_USER,),
+                ).fetchall()
+            )
+        want = {"unread_messages": unread_now, "missed_calls": calls}
+        page.wait_for_function(
+            """(want) => {
+                const state = window.badges.state;
+                const same = (a, b) => JSON.stringify(Object.entries(a).sort())
+                    === JSON.stringify(Object.entries(b).sort());
+                return same(state.unread_messages, want.unread_messages)
+                    && same(state.missed_calls, want.missed_calls);
+            }""",
+            arg=want,
+        )
+        expect(total_unread(page)).to_have_text(str(sum(unread_now.values())))
+        expect(total_missed(page)).to_have_text(str(sum(calls.values())))
+        for sender, count in unread_now.items():
+            expect(unread(page, sender).locator(".count")).to_have_text(str(count))
+        kinds = page.evaluate("window.kinds")
+        assert kinds[0] == "badges" and len(kinds) > 1
+        assert set(kinds[1:]) == {"badges-change"}

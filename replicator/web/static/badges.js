@@ -8,9 +8,13 @@
  *     token: "<jwt>",                        // or a function returning one (or a promise)
  *     onChange(state, status) { ... },       // called on every new state or status
  *   });
- *   badges.state    // the last `badges` event's data, null before the first
+ *   badges.state    // the user's whole state, null before the first event
  *   badges.status   // {connected, live, lagMs, error}
  *   badges.close();
+ *
+ * The stream starts with the whole state (`badges`); after that the service sends only what
+ * changed (`badges-change`), which `mergeBadges` folds into the state. Each new state is a new
+ * object, and so is each map that changed; maps that did not change are shared.
  *
  * The token never goes into a URL: each connect trades it (Authorization header) for a
  * single-use ticket from POST /v1/badges/ticket, and the stream URL carries the ticket. When
@@ -29,6 +33,29 @@
     maxDelay: 30000,
     onChange: null,
   };
+
+  // Fold a `badges-change` into the state it follows and return the new state: each map in
+  // the change lists the counterparts whose counts moved (0: cleared, so removed), every other
+  // field (totals, lsn) is new. Self-contained, so that it can move (to a worker, say).
+  function mergeBadges(state, change) {
+    const next = { ...state };
+    for (const key of Object.keys(change)) {
+      const value = change[key];
+      if (value !== null && typeof value === "object") {
+        const moved = Object.keys(value);
+        if (moved.length === 0 && key in state) continue;
+        const counts = { ...state[key] };
+        for (const counterpart of moved) {
+          if (value[counterpart] === 0) delete counts[counterpart];
+          else counts[counterpart] = value[counterpart];
+        }
+        next[key] = counts;
+      } else {
+        next[key] = value;
+      }
+    }
+    return next;
+  }
 
   class BadgeStream {
     constructor(options) {
@@ -103,6 +130,8 @@
       const source = new EventSource(url, { withCredentials: this.options.withCredentials });
       this._source = source;
       let opened = false;
+      // whether this stream has sent the whole state yet (changes apply to it)
+      let whole = false;
       // The server sends a `status` event on connect only when replication is down.
       let serverLive = true;
       source.addEventListener("open", () => {
@@ -114,8 +143,21 @@
         this._update({ connected: true, live: data.live, lagMs: data.lag_ms });
       });
       source.addEventListener("badges", (event) => {
+        whole = true;
         this.state = JSON.parse(event.data);
         this._delay = 0;
+        this._update({ connected: true, live: serverLive });
+      });
+      source.addEventListener("badges-change", (event) => {
+        // Every stream starts with the whole state; a change before it has nothing to apply
+        // to, so start over.
+        if (!whole) {
+          source.close();
+          this._source = null;
+          this._retry();
+          return;
+        }
+        this.state = mergeBadges(this.state, JSON.parse(event.data));
         this._update({ connected: true, live: serverLive });
       });
       source.addEventListener("reauthenticate", () => {
@@ -186,7 +228,7 @@
     return new BadgeStream(urlOrOptions);
   }
 
-  const api = { connect, BadgeStream };
+  const api = { connect, BadgeStream, mergeBadges };
   if (typeof module === "object" && module && module.exports) module.exports = api;
   globalThis.ReplicatorBadges = api;
 })();
