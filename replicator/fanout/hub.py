@@ -8,6 +8,10 @@ are merged into one, and once they would be larger than the whole state, it gets
 state instead (``badges``), encoded when it is sent. Streams opened with ``?events=full`` get
 whole states only, encoded once per user and commit.
 
+A stream with nothing pending whose connection takes bytes at once (``Subscriber.direct``)
+is written to right where the event is made, so an event, a status or a heartbeat costs one
+write and no wake-up of the stream's task; the task writes only what had to wait.
+
 Heartbeats come from one wheel per interval rather than a timer per stream: each stream sits
 in one of the wheel's slots, and each tick looks at one slot's streams and flags a heartbeat
 for those that have been quiet too long. With ten thousand idle streams that is a few
@@ -159,6 +163,7 @@ class Subscriber:
         "beat_slot",
         "changes",
         "closed",
+        "direct",
         "expired",
         "expires_at",
         "full",
@@ -196,6 +201,9 @@ class Subscriber:
         self.changes: list[Change] | None = None
         #: where whole states and merged changes are encoded
         self.source = source
+        #: writes bytes to the client at once if its connection takes them (returns whether it
+        #: did); set by the stream once its first event is out
+        self.direct: Callable[[bytes], bool] | None = None
         self.status: bytes | None = None
         self.heartbeat = False
         self.closed = False
@@ -238,8 +246,45 @@ class Subscriber:
         self.expired = True
         self.notify()
 
+    def _now(self, data: bytes) -> bool:
+        """Write ``data`` at once, when nothing is waiting before it and the connection takes
+        it; whether it did."""
+        direct = self.direct
+        if (
+            direct is None
+            or self.send_deadline
+            or self.full
+            or self.changes is not None
+            or self.status is not None
+            or self.expired
+            or not direct(data)
+        ):
+            return False
+        self.last_sent = time.monotonic()
+        self.heartbeat = False
+        return True
+
+    def beat(self) -> None:
+        """Nothing was written for a while: a heartbeat."""
+        if not self._now(HEARTBEAT):
+            self.heartbeat = True
+            self.notify()
+
+    def push_status(self, event: bytes) -> None:
+        if not self._now(event):
+            self.status = event
+            self.notify()
+
     def push_full(self) -> None:
         """The user's state changed in a way only the whole state can tell."""
+        source = self.source
+        if (
+            self.direct is not None
+            and source is not None
+            and self._now(source.whole_event(self.user))
+        ):
+            source.stats.events_sent += 1
+            return
         self.full = True
         self.changes = None
         self.notify()
@@ -252,6 +297,10 @@ class Subscriber:
             return
         pending = self.changes
         if pending is None:
+            if self._now(change.event):
+                assert self.source is not None
+                self.source.stats.events_sent += 1
+                return
             self.changes = [change]
         else:
             pending.append(change)
@@ -345,8 +394,7 @@ class HeartbeatWheel:
                 if not sub.closed:
                     sub.expire()
             elif sub.last_sent <= quiet_since:
-                sub.heartbeat = True
-                sub.notify()
+                sub.beat()
 
 
 @dataclass
@@ -569,8 +617,7 @@ class Hub:
         event = encode_status_event(live, lag_ms)
         for subs in self._by_user.values():
             for sub in subs:
-                sub.status = event
-                sub.notify()
+                sub.push_status(event)
 
     async def run(self) -> None:
         """Turn the heartbeat wheels (and drop streams whose sends overstay) until cancelled."""
