@@ -115,35 +115,31 @@ class Service:
             "PYTHONUNBUFFERED": "1",
             **env,
         }
+        self.profile = profile
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
-        self.process = subprocess.Popen(
-            [python, *profiler, "-m", "replicator", "serve"],
-            env=environ,
-            # not the repository: -m would import this tree's package, whichever Python runs
-            cwd=workdir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.pid = self.process.pid
-        self._port: queue.Queue[int] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            self.port = self._port.get(timeout=60)
-        except queue.Empty:
-            self.process.kill()
-            raise SystemExit("service did not start:\n" + self.log_tail()) from None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
+        # Its log goes to a file, as a deployment's does: a pipe read by this process would
+        # make each log line wait for us, and bill that to the service.
         with self.logfile.open("w") as out:
-            for line in self.process.stdout:
-                out.write(line)
-                out.flush()
-                match = LISTEN.search(line)
-                if match:
-                    self._port.put(int(match.group(1)))
+            self.process = subprocess.Popen(
+                [python, *profiler, "-m", "replicator", "serve"],
+                env=environ,
+                # not the repository: -m would import this tree's package, whichever Python runs
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 60
+        while True:
+            match = LISTEN.search(self.logfile.read_text())
+            if match:
+                self.port = int(match.group(1))
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise SystemExit("service did not start:\n" + self.log_tail())
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -648,7 +644,10 @@ def storm_phase(
     log(f"N={n}: restarting the service; every stream comes back as badges.js would")
     stopped_at = time.monotonic()
     service.stop()
-    restarted = Service(dsn, workdir, {**env, "REPLICATOR_PORT": str(service.port)}, python=python)
+    profile = service.profile and service.profile.with_name(service.profile.name + ".restarted")
+    restarted = Service(
+        dsn, workdir, {**env, "REPLICATOR_PORT": str(service.port)}, python=python, profile=profile
+    )
     listening_at = time.monotonic()
     cpu_a = restarted.cpu_s()
     restarted.wait_ready(timeout=120)

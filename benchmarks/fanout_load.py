@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import resource
 import socket
 import struct
@@ -73,9 +74,13 @@ class SSEStream(asyncio.Protocol):
         request: bytes,
         recorder: Recorder,
         on_end: Any = None,
+        *,
+        ticket_request: bytes | None = None,
     ) -> None:
         self.index = index
+        #: the stream's request; with a ticket request first, its ``{ticket}`` is filled in
         self.request = request
+        self.ticket_request = ticket_request
         self.recorder = recorder
         #: called with the stream when its connection ends
         self.on_end = on_end
@@ -88,7 +93,32 @@ class SSEStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
+        # A browser's fetch of the ticket leaves a kept-alive connection that its
+        # EventSource then uses: so does this.
+        self.transport.write(self.ticket_request or self.request)
+
+    def _ticket_answer(self) -> bool:
+        """Read the ticket's answer; send the stream's request with it. False: not yet."""
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = self._head[:end]
+        match = re.search(rb"(?i)content-length: *(\d+)", head)
+        length = int(match.group(1)) if match else 0
+        if len(self._head) < end + 4 + length:
+            return False
+        body, self._head = self._head[end + 4 : end + 4 + length], self._head[end + 4 + length :]
+        self.ticket_request = None
+        if not head.startswith(b"HTTP/1.1 200"):
+            self.recorder.failed += 1
+            if not self.ready.done():
+                self.ready.set_result(False)
+            self.close()
+            return False
+        ticket = json.loads(body)["ticket"]
+        assert self.transport is not None
+        self.transport.write(self.request.replace(b"{ticket}", ticket.encode()))
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.recorder.ended += 1
@@ -99,6 +129,11 @@ class SSEStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
+        if self.ticket_request is not None:
+            self._head += data
+            if not self._ticket_answer():
+                return
+            data, self._head = self._head, b""
         if not self._in_body:
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -246,14 +281,15 @@ class Load:
             delay = MIN_DELAY_S if not delay else min(delay * 2, MAX_DELAY_S)
             await asyncio.sleep(delay * random.uniform(0.9, 1.1))
             attempts.append(time.monotonic())
-            ticket = await self._ticket(token)
-            if ticket is None:
-                continue
-            request = (
-                f"GET /v1/badges/stream?ticket={ticket} HTTP/1.1\r\n"
-                f"Host: {self.host}:{self.port}\r\nAccept: text/event-stream\r\n\r\n"
-            ).encode()
-            stream = SSEStream(index, request, self.recorder)
+            host = f"Host: {self.host}:{self.port}\r\n"
+            stream = SSEStream(
+                index,
+                f"GET /v1/badges/stream?ticket={{ticket}} HTTP/1.1\r\n{host}"
+                "Accept: text/event-stream\r\n\r\n".encode(),
+                self.recorder,
+                ticket_request=f"POST /v1/badges/ticket HTTP/1.1\r\n{host}"
+                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode(),
+            )
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda s=stream: s, self.host, self.port),  # type: ignore[misc]
@@ -268,30 +304,6 @@ class Load:
                 self.streams.append(stream)
                 return
             stream.close()
-
-    async def _ticket(self, token: str) -> str | None:
-        """POST /v1/badges/ticket as badges.js does; None when the service refuses or is away."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S
-            )
-        except (OSError, TimeoutError):
-            return None
-        try:
-            writer.write(
-                f"POST /v1/badges/ticket HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n"
-                "Connection: close\r\n\r\n".encode()
-            )
-            answer = await asyncio.wait_for(reader.read(), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError):
-            return None
-        finally:
-            writer.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            return None
-        return str(json.loads(body)["ticket"])
 
     async def storm(self, path: str, timeout: float) -> dict[str, Any]:
         """Wait until every stream has seen the target LSN again (or ``timeout``)."""
