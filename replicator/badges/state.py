@@ -152,8 +152,8 @@ class BadgeState:
     """
 
     def __init__(self, names: Sequence[str], grouped: Sequence[bool]) -> None:
-        if len(names) > 255:
-            raise ValueError("at most 255 badges")
+        # the badges file allows no more (spec.MAX_BADGES): records keep it in one byte
+        assert len(names) <= 255
         self.names = tuple(names)
         self.grouped = tuple(grouped)
         #: compact user key -> packed records, or a Wide

@@ -110,9 +110,8 @@ async def _enough_memory(conn: Conn, badge: Badge, query: sql.Composable) -> Non
         return
     grant = min(MAX_WORK_MEM_KB, needed)
     logger.info(
-        "snapshot of %s: the planned %s would spill past work_mem (%d kB); using %d kB",
+        "snapshot of %s: the planned aggregate would spill past work_mem (%d kB); using %d kB",
         badge.name,
-        plan.get("Strategy", plan["Node Type"]).lower(),
         work_mem_kb,
         grant,
     )
