@@ -8,9 +8,10 @@ Driven by JSON lines on stdin, answering with JSON lines on stdout:
                                     does (a ticket, then the stream; waits of 1 s, 2, 4, ... up
                                     to 30 s, each +-10 %, back to 1 s after an event)
   {"cmd": "storm", "path": P, "timeout": S}
-                                    answer once every stream has had an event at LSN >= L (or
-                                    after S seconds); write each stream's attempts and the time
-                                    it got there to P
+                                    answer once every stream has the current state again (an
+                                    event at LSN >= L, or the service saying it is live) or after
+                                    S seconds; write each stream's attempts and the time it got
+                                    there to P
 Events are recorded as [user index, commit LSN, receive time]; the receive time is
 ``time.monotonic()``, the system-wide CLOCK_MONOTONIC that the writer reads too.
 The process ends its streams and exits when stdin closes.
@@ -172,9 +173,16 @@ class SSEStream(asyncio.Protocol):
         if block.startswith(b":"):
             self.recorder.heartbeats += 1
             return
+        recorder = self.recorder
+        if b"event: status" in block:
+            # A stream opened while the new service was loading its snapshot got the state
+            # before it; a user whose counts did not change gets no new state, only this: the
+            # service is live, and the state shown is current.
+            if recorder.target is not None and b'"live":true' in block:
+                recorder.reached.setdefault(self.index, now)
+            return
         if b"event: badges" not in block:
             return
-        recorder = self.recorder
         if (
             recorder.target is not None
             and self.index not in recorder.reached
