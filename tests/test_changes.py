@@ -261,7 +261,9 @@ async def test_bursts_are_merged_per_stream_and_fall_back_to_the_whole_state(
             assert reader.kinds == ["badges", "badges-change", "badges"]
 
 
-async def test_an_unknown_events_mode_is_refused(database: Database) -> None:
+async def test_an_unknown_events_mode_is_refused_and_http_1_0_gets_a_plain_body(
+    database: Database,
+) -> None:
     with running_service(database.dsn, database.slot) as service:
         async with httpx.AsyncClient() as client:
             response = await client.get(
@@ -271,3 +273,18 @@ async def test_an_unknown_events_mode_is_refused(database: Database) -> None:
             )
         assert response.status_code == 400
         assert "events='some' is not known" in response.json()["message"]
+        # HTTP/1.0 has no chunked coding: the events come as they are, not framed as chunks
+        host, port = service.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                f"GET /v1/badges/stream HTTP/1.0\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {service.token(USERS[0])}\r\n\r\n".encode()
+            )
+            received = b""
+            while b"event: badges\n" not in received:
+                data = sock.recv(65536)
+                assert data, received
+                received += data
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+        assert body.startswith(b"retry: 2000\nid: ")

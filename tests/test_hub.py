@@ -21,6 +21,7 @@ from replicator.fanout.hub import (
     encode_badges_event,
 )
 from replicator.pg.lsn import format_lsn
+from replicator.web.stream import body_writer
 from tests.support import DEFAULT_SPECS, empty_state
 
 
@@ -319,3 +320,16 @@ def test_bursts_merge_per_stream_and_fall_back_to_the_whole_state() -> None:
     assert slow.changes is None and slow.full  # merged early: it never holds more than that
     kind, data = sse(slow.take() or b"")
     assert kind == "badges" and data["unread_messages"] == {s: n for s, n in model.items() if n}
+
+
+@pytest.mark.anyio
+async def test_a_server_other_than_uvicorns_h11_gets_every_write_through_asgi() -> None:
+    sent: list[object] = []
+
+    async def send(message: object) -> None:
+        sent.append(message)
+
+    write, at_once = body_writer({"type": "http", "http_version": "1.1"}, send)  # type: ignore[arg-type]
+    assert at_once is None
+    await write(b"event")
+    assert sent == [{"type": "http.response.body", "body": b"event", "more_body": True}]
