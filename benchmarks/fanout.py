@@ -447,11 +447,17 @@ def run_version(
             LoadProcess(service.port, i * per_load, min(per_load, most - i * per_load))
             for i in range(args.load_procs)
         ]
+        # with no stream open, so that the heartbeats of many streams add no noise
+        found["wide"] = [wide_phase(args, dsn, service, counterparts) for counterparts in args.wide]
+        found["instance"] = instance = instance_phase(args, dsn, service, most)
         for n in clients:
             found["streams"].append(phase(args, dsn, service, loads, n, rss0, workdir))
-        at_most = found["streams"][-1]
-        found["instance"] = instance_phase(args, dsn, service, most, at_most)
-        found["wide"] = [wide_phase(args, dsn, service, counterparts) for counterparts in args.wide]
+        instance["delivery_cpu_ms_per_change"] = round(
+            found["streams"][-1]["marginal_cpu_ms_per_change"]
+            - instance["instance_cpu_ms_per_change"],
+            4,
+        )
+        log(f"delivering a change to its stream: {instance['delivery_cpu_ms_per_change']} ms")
         if args.stalled and label == "ours":
             log(f"{args.stalled} more streams that never read, for users already streaming")
             stalled, blocked = open_stalled(service, dsn, args.stalled)
@@ -483,32 +489,27 @@ def run_version(
 
 
 def instance_phase(
-    args: argparse.Namespace, dsn: str, service: Service, n: int, streams: dict[str, Any]
+    args: argparse.Namespace, dsn: str, service: Service, users: int
 ) -> dict[str, Any]:
     """What every instance pays for every change (decode, apply), whoever is connected: the
-    same changes, to users with no stream open here."""
-    log(f"N={n}: {args.rate:.0f} changes/s for {args.duration:.0f} s to users with no stream")
+    same changes, before any stream is open; less the idle rate measured just before."""
+    cpu_a = service.cpu_s()
+    time.sleep(args.wide_idle)
+    idle = (service.cpu_s() - cpu_a) / args.wide_idle
+    log(f"{args.rate:.0f} changes/s for {args.duration:.0f} s, no stream open")
     cpu_a = service.cpu_s()
     started = time.monotonic()
-    commits = write_changes(dsn, n, args.rate, args.duration, args.writers, first=n)
-    busy_s = time.monotonic() - started + args.drain
+    commits = write_changes(dsn, users, args.rate, args.duration, args.writers)
     time.sleep(args.drain)
+    busy_s = time.monotonic() - started
     cpu_s = service.cpu_s() - cpu_a
-    idle = streams["idle_cpu_s_per_s"]
     instance = (cpu_s - idle * busy_s) / len(commits) * 1000
-    delivery = streams["marginal_cpu_ms_per_change"] - instance
-    record = {
-        "clients_open": n,
+    log(f"every instance pays {instance:.3f} ms per change (decode, apply)")
+    return {
         "changes": len(commits),
         "instance_cpu_ms_per_change": round(instance, 4),
-        "delivery_cpu_ms_per_change": round(delivery, 4),
-        "idle_cpu_s_per_s": idle,
+        "idle_cpu_s_per_s": round(idle, 4),
     }
-    log(
-        f"N={n}: every instance pays {instance:.3f} ms per change (decode, apply);"
-        f" delivering it to its stream {delivery:.3f} ms"
-    )
-    return record
 
 
 #: wide users get user indexes from here on, far from the streaming ones
@@ -592,8 +593,7 @@ def wide_phase(
         time.sleep(0.05)
     first = reader.sizes[0] if reader.sizes else 0
     rate, duration = args.wide_rate, args.wide_changes / args.wide_rate
-    # the idle rate right before: at a few changes per second, the heartbeats of the streams
-    # still open weigh as much as the changes
+    # the idle rate right before, subtracted: at a few changes per second it weighs
     cpu_a = service.cpu_s()
     time.sleep(args.wide_idle)
     idle = (service.cpu_s() - cpu_a) / args.wide_idle
