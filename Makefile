@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout bench-big-transaction psql token clean
+.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout bench-snapshot bench-big-transaction psql token clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,13 @@ BASELINE ?= HEAD~1
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/decode.py --baseline $(BASELINE)
 
+# fan-out and start-up compare with where this branch left main, or with BASELINE when given
+COMPARE = $(if $(filter command line,$(origin BASELINE)),--baseline $(BASELINE))
 bench-fanout: $(STAMP)
-	$(BIN)/python benchmarks/fanout.py
+	$(BIN)/python benchmarks/fanout.py $(COMPARE)
+
+bench-snapshot: $(STAMP)
+	$(BIN)/python benchmarks/snapshot.py $(COMPARE)
 
 bench-big-transaction: $(STAMP)
 	$(BIN)/python benchmarks/big_transaction.py

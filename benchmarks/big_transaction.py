@@ -84,7 +84,7 @@ async def one_case(dsn: str, rows: int, users: int, slot: str) -> dict[str, obje
         tg.cancel_scope.cancel()
     await consumer.shutdown()
     peak = max((mb for _, mb in sampler.samples), default=base)
-    pairs = sum(len(c[0]) for c in consumer.state.users.values())
+    pairs = sum(len(c[0]) for _, c in consumer.state.items())
     result = {
         "rows": rows,
         "users": users,

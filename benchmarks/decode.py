@@ -46,6 +46,7 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.baseline import baseline_python, log  # noqa: E402
 from replicator.ops.migrate import migrate  # noqa: E402
 from replicator.pg.lsn import format_lsn, parse_lsn  # noqa: E402
 from replicator.pg.walsender import ReplicationConnection  # noqa: E402
@@ -54,8 +55,6 @@ from replicator.runtime.service import event_loop_options  # noqa: E402
 
 RESULTS = HERE / "results"
 CLIENT = HERE / "decode_client.py"
-#: earlier versions, each installed in a virtualenv of its own
-BASELINES = HERE / ".baselines"
 STREAM_OPTIONS = {"proto_version": "1", "publication_names": "badges", "messages": "true"}
 PG_SETTINGS = {
     # Durability is not under test, and checkpoints in the middle of a run only add noise.
@@ -120,10 +119,6 @@ table = "inbox.notes"
 user = "owner_id"
 where = "is_read = false and priority >= 3"
 """
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -213,33 +208,6 @@ class Result:
                 self.cpu_us_per_row("baseline") / self.cpu_us_per_row("ours"), 3
             )
         return data
-
-
-# -- the baseline -------------------------------------------------------------------------------
-
-
-def baseline_python(ref: str) -> tuple[Path, str]:
-    """The Python of a virtualenv holding ``ref`` of this repository, installed (once) from
-    a clean export of that commit, as a user would install it."""
-    repo = HERE.parent
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=repo, check=True, capture_output=True, text=True
-    ).stdout.strip()
-    home = BASELINES / sha
-    python = home / "venv" / "bin" / "python"
-    if python.exists():
-        return python, sha
-    log(f"installing baseline {ref} ({sha}) in {home}")
-    shutil.rmtree(home, ignore_errors=True)
-    source = home / "src"
-    source.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", sha], cwd=repo, check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-    subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)], check=True)
-    return python, sha
 
 
 # -- the clients --------------------------------------------------------------------------------

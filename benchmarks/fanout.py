@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,14 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.baseline import (  # noqa: E402
+    DEFAULT_BASELINE,
+    baseline_python,
+    head,
+    load_average,
+    log,
+    wait_for_quiet,
+)
 from replicator.ops.migrate import migrate  # noqa: E402
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir  # noqa: E402
 from replicator.web.auth import mint_token  # noqa: E402
@@ -80,17 +89,21 @@ def user_id(index: int) -> str:
     return f"00000000-0000-4000-8000-{index:012x}"
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 # -- the service process ------------------------------------------------------------------------
 
 
 class Service:
     """``python -m replicator serve`` on a port of its own choosing, its log in a file."""
 
-    def __init__(self, dsn: str, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        workdir: Path,
+        env: dict[str, str],
+        *,
+        python: str = sys.executable,
+        profile: Path | None = None,
+    ) -> None:
         self.logfile = workdir / "service.log"
         environ = {
             **os.environ,
@@ -102,33 +115,34 @@ class Service:
             "PYTHONUNBUFFERED": "1",
             **env,
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "serve"],
-            env=environ,
-            cwd=HERE.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.profile = profile
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+        # Its log goes to a file, as a deployment's does: a pipe read by this process would
+        # make each log line wait for us, and bill that to the service.
+        with self.logfile.open("w") as out:
+            self.process = subprocess.Popen(
+                [python, *profiler, "-m", "replicator", "serve"],
+                env=environ,
+                # not the repository: -m would import this tree's package, whichever Python runs
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.pid = self.process.pid
-        self._port: queue.Queue[int] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            self.port = self._port.get(timeout=60)
-        except queue.Empty:
-            self.process.kill()
-            raise SystemExit("service did not start:\n" + self.log_tail()) from None
+        deadline = time.monotonic() + 60
+        while True:
+            match = LISTEN.search(self.logfile.read_text())
+            if match:
+                self.port = int(match.group(1))
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise SystemExit("service did not start:\n" + self.log_tail())
+            time.sleep(0.02)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        with self.logfile.open("w") as out:
-            for line in self.process.stdout:
-                out.write(line)
-                out.flush()
-                match = LISTEN.search(line)
-                if match:
-                    self._port.put(int(match.group(1)))
+    def log_text(self) -> str:
+        return self.logfile.read_text(errors="replace")
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -270,8 +284,18 @@ class Commit:
     committed: float
 
 
-def write_changes(dsn: str, users: int, rate: float, duration: float, writers: int) -> list[Commit]:
-    """Commit ``rate`` single-row transactions per second for ``duration`` seconds.
+def write_changes(
+    dsn: str,
+    users: int,
+    rate: float,
+    duration: float,
+    writers: int,
+    *,
+    first: int = 0,
+    senders: list[str] | None = None,
+) -> list[Commit]:
+    """Commit ``rate`` single-row transactions per second for ``duration`` seconds, each a
+    message to one of users ``first .. first + users - 1`` from one of ``senders``.
 
     Each writer thread owns the users whose index is congruent to it modulo ``writers``, so
     one user's transactions are strictly ordered and an event's LSN names its transaction.
@@ -284,7 +308,8 @@ def write_changes(dsn: str, users: int, rate: float, duration: float, writers: i
     errors: list[BaseException] = []
 
     def writer(w: int) -> None:
-        owned = list(range(w, users, writers))
+        owned = list(range(first + w, first + users, writers))
+        chosen = senders or SENDERS
         rng = random.Random(w)
         done = results[w]
         try:
@@ -303,7 +328,7 @@ def write_changes(dsn: str, users: int, rate: float, duration: float, writers: i
                         time.sleep(due - now)
                     user = rng.choice(owned)
                     sent = time.monotonic()
-                    cur.execute(query, (rng.choice(SENDERS), user_id(user)), prepare=True)
+                    cur.execute(query, (rng.choice(chosen), user_id(user)), prepare=True)
                     row = cur.fetchone()
                     assert row is not None
                     done.append(Commit(user, int(row[0]), sent, time.monotonic()))
@@ -364,69 +389,320 @@ def database(workdir: Path) -> Iterator[str]:
         cluster.stop("immediate")
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     clients: list[int] = sorted(args.clients)
     most = clients[-1]
     workdir = Path(tempfile.mkdtemp(prefix="replicator-fanout-"))
     workdir.chmod(0o755)
-    records: list[dict[str, Any]] = []
-    loads: list[LoadProcess] = []
-    service: Service | None = None
+    results: dict[str, Any] = {}
+    versions = [("ours", sys.executable, clients)]
+    if args.baseline != "none":
+        python, sha = baseline_python(args.baseline)
+        versions.append(("baseline", str(python), [most]))
+        results["baseline_commit"] = sha
     try:
         with database(workdir) as dsn:
-            env = {
-                "REPLICATOR_MAX_STREAMS": str(most + args.stalled + 1000),
-                # the stalled streams stay open through their phase (10 per stalled user)
-                "REPLICATOR_MAX_STREAMS_PER_USER": "20",
-                # every stream comes from this host; none is held back for reconnects
-                "REPLICATOR_MAX_STREAMS_PER_ADDRESS": "1000000",
-                "REPLICATOR_RESERVED_STREAMS": "0",
-                "REPLICATOR_SEND_TIMEOUT_S": "600",
-                "REPLICATOR_HEARTBEAT_S": str(args.heartbeat),
-                **dict(kv.split("=", 1) for kv in args.service_env),
-            }
-            service = Service(dsn, workdir, env)
-            service.wait_ready()
-            log(f"service pid {service.pid} on {service.url}")
-            warm_up(service.port)
-            time.sleep(args.settle)
-            rss0 = service.rss_kb()
-            log(f"service RSS with no stream: {rss0} kB")
-            per_load = -(-most // args.load_procs)
-            loads = [
-                LoadProcess(service.port, i * per_load, min(per_load, most - i * per_load))
-                for i in range(args.load_procs)
-            ]
-            for n in clients:
-                records.append(phase(args, dsn, service, loads, n, rss0, workdir))
-            if args.stalled:
-                log(f"{args.stalled} more streams that never read, for users already streaming")
-                stalled, blocked = open_stalled(service, dsn, args.stalled)
-                log(f"{blocked} of them blocked in a write")
-                try:
-                    record = phase(args, dsn, service, loads, most, rss0, workdir)
-                    record["stalled_clients"] = args.stalled
-                    record["stalled_blocked_at_start"] = blocked
-                    record["stalled_blocked_at_end"] = int(
-                        service.metric("replicator_streams_blocked")
-                    )
-                    records.append(record)
-                finally:
-                    for sock in stalled:
-                        sock.close()
-            took = service.stop()
-            log(f"service with {most} streams stopped in {took:.2f} s")
-            for record in records:
-                record["shutdown_s_at_max"] = round(took, 2)
+            seed_wide(dsn, args.wide)
+            for label, python, sizes in versions:
+                results[label] = run_version(args, dsn, workdir, label, python, sizes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def run_version(
+    args: argparse.Namespace,
+    dsn: str,
+    workdir: Path,
+    label: str,
+    python: str,
+    clients: list[int],
+) -> dict[str, Any]:
+    """Every phase for one version of the service, from its start to its stop."""
+    most = clients[-1]
+    found: dict[str, Any] = {"streams": []}
+    loads: list[LoadProcess] = []
+    service: Service | None = None
+    env = {
+        "REPLICATOR_MAX_STREAMS": str(most + args.stalled + 1000),
+        # the stalled streams stay open through their phase (10 per stalled user)
+        "REPLICATOR_MAX_STREAMS_PER_USER": "20",
+        # every stream comes from this host; none is held back for reconnects
+        "REPLICATOR_MAX_STREAMS_PER_ADDRESS": "1000000",
+        "REPLICATOR_RESERVED_STREAMS": "0",
+        "REPLICATOR_SEND_TIMEOUT_S": "600",
+        "REPLICATOR_HEARTBEAT_S": str(args.heartbeat),
+        **dict(kv.split("=", 1) for kv in args.service_env),
+    }
+    log(f"{label}: starting the service ({python})")
+    try:
+        service = Service(
+            dsn, workdir, env, python=python, profile=args.profile if label == "ours" else None
+        )
+        service.wait_ready()
+        log(f"{label}: service pid {service.pid} on {service.url}")
+        warm_up(service.port)
+        # with no stream open, so that the heartbeats of many streams add no noise
+        found["wide"] = [wide_phase(args, dsn, service, counterparts) for counterparts in args.wide]
+        found["instance"] = instance = instance_phase(args, dsn, service, most)
+        time.sleep(args.settle)
+        rss0 = service.rss_kb()
+        log(f"{label}: service RSS with no stream: {rss0} kB")
+        per_load = -(-most // args.load_procs)
+        loads = [
+            LoadProcess(service.port, i * per_load, min(per_load, most - i * per_load))
+            for i in range(args.load_procs)
+        ]
+        for n in clients:
+            found["streams"].append(phase(args, dsn, service, loads, n, rss0, workdir))
+        instance["delivery_cpu_ms_per_change"] = round(
+            found["streams"][-1]["marginal_cpu_ms_per_change"]
+            - instance["instance_cpu_ms_per_change"],
+            4,
+        )
+        log(f"delivering a change to its stream: {instance['delivery_cpu_ms_per_change']} ms")
+        if args.stalled and label == "ours":
+            log(f"{args.stalled} more streams that never read, for users already streaming")
+            stalled, blocked = open_stalled(service, dsn, args.stalled)
+            log(f"{blocked} of them blocked in a write")
+            try:
+                record = phase(args, dsn, service, loads, most, rss0, workdir)
+                record["stalled_clients"] = args.stalled
+                record["stalled_blocked_at_start"] = blocked
+                record["stalled_blocked_at_end"] = int(service.metric("replicator_streams_blocked"))
+                found["stalled"] = record
+            finally:
+                for sock in stalled:
+                    sock.close()
+        if args.storm:
+            found["storm"], service = storm_phase(
+                args, dsn, service, loads, most, workdir, env, python
+            )
+        took = service.stop()
+        log(f"{label}: service with {most} streams stopped in {took:.2f} s")
+        found["shutdown_s_at_max"] = round(took, 2)
     finally:
         for load in loads:
             load.stop()
         if service is not None:
             service.stop()
             if args.service_log is not None:
-                shutil.copyfile(service.logfile, args.service_log)
-        shutil.rmtree(workdir, ignore_errors=True)
-    return records
+                shutil.copyfile(service.logfile, args.service_log.with_suffix(f".{label}.log"))
+    return found
+
+
+def instance_phase(
+    args: argparse.Namespace, dsn: str, service: Service, users: int
+) -> dict[str, Any]:
+    """What every instance pays for every change (decode, apply), whoever is connected: the
+    same changes, before any stream is open; less the idle rate measured just before."""
+    cpu_a = service.cpu_s()
+    time.sleep(args.wide_idle)
+    idle = (service.cpu_s() - cpu_a) / args.wide_idle
+    log(f"{args.rate:.0f} changes/s for {args.duration:.0f} s, no stream open")
+    cpu_a = service.cpu_s()
+    started = time.monotonic()
+    commits = write_changes(dsn, users, args.rate, args.duration, args.writers)
+    time.sleep(args.drain)
+    busy_s = time.monotonic() - started
+    cpu_s = service.cpu_s() - cpu_a
+    instance = (cpu_s - idle * busy_s) / len(commits) * 1000
+    log(f"every instance pays {instance:.3f} ms per change (decode, apply)")
+    return {
+        "changes": len(commits),
+        "instance_cpu_ms_per_change": round(instance, 4),
+        "idle_cpu_s_per_s": round(idle, 4),
+    }
+
+
+#: wide users get user indexes from here on, far from the streaming ones
+WIDE_BASE = 0x0F00_0000
+
+
+def wide_user(counterparts: int) -> str:
+    return user_id(WIDE_BASE + counterparts)
+
+
+def wide_sender(i: int) -> str:
+    return f"20000000-0000-4000-8000-{i:012x}"
+
+
+def seed_wide(dsn: str, sizes: list[int]) -> None:
+    """One user per size with that many senders of one unread message each."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for counterparts in sizes:
+            conn.execute(
+                "INSERT INTO messages (sender_id, recipient_id)"
+                " SELECT ('20000000-0000-4000-8000-' || lpad(to_hex(s), 12, '0'))::uuid, %s"
+                " FROM generate_series(0, %s - 1) s",
+                (wide_user(counterparts), counterparts),
+            )
+
+
+class StreamReader:
+    """One stream on a raw socket, read in a thread: bytes and count of each event."""
+
+    def __init__(self, port: int, user: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {mint_token(SECRET, user, ttl=3600)}\r\n\r\n".encode()
+        )
+        self.sizes: list[int] = []
+        self.kinds: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            # chunk framing is left in: a few bytes per event, the same for both versions
+            buffer += data
+            *blocks, buffer = buffer.split(b"\n\n")
+            for block in blocks:
+                name = re.search(rb"event: ([\w-]+)", block)
+                if name is not None:
+                    self.kinds.append(name.group(1).decode())
+                    self.sizes.append(len(block) + 2)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def wide_phase(
+    args: argparse.Namespace,
+    dsn: str,
+    service: Service,
+    counterparts: int,
+) -> dict[str, Any]:
+    """Changes to a user with ``counterparts`` senders and one open stream: the bytes of each
+    event, and what a change costs."""
+    user = wide_user(counterparts)
+    reader = StreamReader(service.port, user)
+    deadline = time.monotonic() + 60
+    while not reader.kinds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = reader.sizes[0] if reader.sizes else 0
+    rate, duration = args.wide_rate, args.wide_changes / args.wide_rate
+    # the idle rate right before, subtracted: at a few changes per second it weighs
+    cpu_a = service.cpu_s()
+    time.sleep(args.wide_idle)
+    idle = (service.cpu_s() - cpu_a) / args.wide_idle
+    cpu_a = service.cpu_s()
+    started = time.monotonic()
+    senders = [wide_sender(i) for i in range(0, counterparts, max(1, counterparts // 50))]
+    commits = write_changes(
+        dsn, 1, rate, duration, 1, first=WIDE_BASE + counterparts, senders=senders
+    )
+    time.sleep(args.drain)
+    busy_s = time.monotonic() - started
+    cpu_s = service.cpu_s() - cpu_a
+    reader.close()
+    later = reader.sizes[1:]
+    cpu = (cpu_s - idle * busy_s) / len(commits) * 1000
+    record = {
+        "counterparts": counterparts,
+        "changes": len(commits),
+        "events": len(later),
+        "event_kinds": sorted(set(reader.kinds[1:])),
+        "first_event_bytes": first,
+        "mean_event_bytes": round(statistics.mean(later), 1) if later else None,
+        "cpu_ms_per_change": round(cpu, 4),
+        "changes_per_s": rate,
+    }
+    log(
+        f"user with {counterparts} counterparts: first event {first} bytes, then"
+        f" {record['mean_event_bytes']} bytes per event, {cpu:.3f} ms CPU per change"
+    )
+    return record
+
+
+def storm_phase(
+    args: argparse.Namespace,
+    dsn: str,
+    service: Service,
+    loads: list[LoadProcess],
+    n: int,
+    workdir: Path,
+    env: dict[str, str],
+    python: str,
+) -> tuple[dict[str, Any], Service]:
+    """Restart the service under ``n`` open streams that come back as badges.js does; how long
+    until each has the current state again, against how long its retry waits alone take."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        assert row is not None
+        target = int(row[0])
+    ask_all(loads, 30, cmd="reconnect", target=target)
+    log(f"N={n}: restarting the service; every stream comes back as badges.js would")
+    stopped_at, stopped_wall = time.monotonic(), time.time()
+    service.stop()
+    profile = service.profile and service.profile.with_name(service.profile.name + ".restarted")
+    restarted = Service(
+        dsn, workdir, {**env, "REPLICATOR_PORT": str(service.port)}, python=python, profile=profile
+    )
+    listening_at = time.monotonic()
+    cpu_a = restarted.cpu_s()
+    restarted.wait_ready(timeout=120)
+    ready_at = time.monotonic()
+    paths = [workdir / f"storm-{i}.json" for i in range(len(loads))]
+    for load, path in zip(loads, paths, strict=True):
+        load.send(cmd="storm", path=str(path), timeout=args.storm_timeout)
+    answers = [load.answer(args.storm_timeout + 60) for load in loads]
+    cpu_s = restarted.cpu_s() - cpu_a
+    # when the new service went live, from its own log (polling /readyz waits in the crowd)
+    live = re.search(r"^(\S+ [\d:]+),(\d+) .*replication stream live", restarted.log_text(), re.M)
+    assert live is not None, "the restarted service never went live"
+    live_wall = time.mktime(time.strptime(live.group(1), "%Y-%m-%d %H:%M:%S"))
+    live_at = stopped_at + live_wall + int(live.group(2)) / 1000 - stopped_wall
+    reached: list[float] = []
+    bounds: list[float] = []
+    attempts = 0
+    for path in paths:
+        data = json.loads(path.read_text())
+        reached += [float(t) for t in data["reached"].values()]
+        for tries in data["attempts"].values():
+            attempts += len(tries)
+            after = [t for t in tries if t >= listening_at]
+            if after:
+                # the first attempt the new service could have answered, had it been free
+                bounds.append(max(live_at, after[0]))
+    got = sum(a["reached"] for a in answers)
+    back = sorted(t - stopped_at for t in reached)
+    record = {
+        "clients": n,
+        "reached": got,
+        "restart_listening_s": round(listening_at - stopped_at, 2),
+        "restart_live_s": round(live_at - stopped_at, 2),
+        "restart_readyz_s": round(ready_at - stopped_at, 2),
+        "all_current_s": round(back[-1], 2) if back else None,
+        "p50_current_s": round(percentile(back, 0.5), 2),
+        "p99_current_s": round(percentile(back, 0.99), 2),
+        "retry_bound_s": round(max(bounds) - stopped_at, 2) if bounds else None,
+        "attempts": attempts,
+        "cpu_s": round(cpu_s, 2),
+        "cpu_ms_per_reconnect": round(cpu_s / max(1, got) * 1000, 3),
+    }
+    log(
+        f"N={n}: {got} of {n} streams current again {record['all_current_s']} s after the"
+        f" restart began (p50 {record['p50_current_s']} s); the retry waits alone allow"
+        f" {record['retry_bound_s']} s; the service was listening after"
+        f" {record['restart_listening_s']} s and live after {record['restart_live_s']} s;"
+        f" {record['cpu_ms_per_reconnect']} ms CPU per reconnect"
+    )
+    return record, restarted
 
 
 STALLED_USERS = 100
@@ -454,8 +730,9 @@ def open_stalled(service: Service, dsn: str, count: int) -> tuple[list[socket.so
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", service.port))
         token = mint_token(SECRET, user_id(i % STALLED_USERS), ttl=6 * 3600)
+        # whole states (a version without changes ignores the parameter): ~20 kB per event
         sock.sendall(
-            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
+            f"GET /v1/badges/stream?events=full HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         socks.append(sock)
@@ -541,8 +818,8 @@ def phase(
         "max_ms": round(max(found, default=float("nan")) * 1000, 2),
         "events_per_s": round(len(found) / span, 1),
         "rss_per_stream_kb": round((rss - rss0) / n, 2),
-        "cpu_s_per_1000_changes": round(per_1000, 4),
-        "marginal_cpu_s_per_1000_changes": round(marginal, 4),
+        "cpu_ms_per_change": round(per_1000, 4),
+        "marginal_cpu_ms_per_change": round(marginal, 4),
         "idle_cpu_s_per_s": round(idle_cpu, 4),
         "heartbeats_per_s": round(heartbeats / args.idle, 1),
         "changes": len(commits),
@@ -557,86 +834,150 @@ def phase(
     log(
         f"N={n}: {record['changes_per_s']} changes/s, {len(found)} events"
         f" ({unmatched} unmatched), p50 {record['p50_ms']} ms, p95 {record['p95_ms']} ms,"
-        f" p99 {record['p99_ms']} ms, {per_1000:.3f} CPU s/1000 changes"
+        f" p99 {record['p99_ms']} ms, {per_1000:.3f} CPU ms per change"
         f" ({marginal:.3f} marginal)"
     )
     return record
 
 
-def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(results: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stalled = [r for r in records if r.get("stalled_clients")]
-    records = [r for r in records if not r.get("stalled_clients")]
+    ours = results["ours"]
+    records = ours["streams"]
+    base = results.get("baseline")
     n = [r["clients"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    (latency, cost), (wide, storm) = axes
     for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
-        left.plot(n, [r[key] for r in records], style, label=key.removesuffix("_ms"))
-    for r in stalled:
-        left.plot(
-            [r["clients"]],
-            [r["p99_ms"]],
+        latency.plot(n, [r[key] for r in records], style, label=key.removesuffix("_ms"))
+    stalled = ours.get("stalled")
+    if stalled:
+        latency.plot(
+            [stalled["clients"]],
+            [stalled["p99_ms"]],
             "kx",
             markersize=9,
-            label=f"p99 with {r['stalled_clients']} non-reading streams",
+            label=f"p99 with {stalled['stalled_clients']} non-reading streams",
         )
-    left.axhline(100, color="grey", linestyle="--", linewidth=0.8, label="p99 target")
-    left.set_xscale("log")
-    left.set_yscale("log")
-    left.set_xlabel("connected SSE streams")
-    left.set_ylabel("commit -> client latency (ms)")
-    left.set_title(f"latency at {records[0]['target_rate']:.0f} changes/s")
-    left.legend()
-    left.grid(True, which="both", alpha=0.3)
+    if base:
+        b = base["streams"][-1]
+        latency.plot([b["clients"]], [b["p99_ms"]], "rv", label="p99, baseline")
+    latency.axhline(100, color="grey", linestyle="--", linewidth=0.8, label="p99 target")
+    latency.set_xscale("log")
+    latency.set_yscale("log")
+    latency.set_xlabel("connected SSE streams")
+    latency.set_ylabel("commit -> client latency (ms)")
+    latency.set_title(f"latency at {records[0]['target_rate']:.0f} changes/s")
+    latency.legend(fontsize=7)
+    latency.grid(True, which="both", alpha=0.3)
 
-    right.plot(n, [r["rss_per_stream_kb"] for r in records], "o-", color="tab:green")
-    right.axhline(20, color="tab:green", linestyle="--", linewidth=0.8)
-    right.set_xscale("log")
-    right.set_xlabel("connected SSE streams")
-    right.set_ylabel("RSS per idle stream (kB)", color="tab:green")
-    right.set_ylim(bottom=0)
-    cpu = right.twinx()
-    cpu.plot(n, [r["cpu_s_per_1000_changes"] * 1000 for r in records], "s-", color="tab:red")
-    cpu.plot(
-        n,
-        [r["marginal_cpu_s_per_1000_changes"] * 1000 for r in records],
-        "s:",
-        color="tab:red",
+    cost.plot(n, [r["cpu_ms_per_change"] for r in records], "s-", label="all service CPU")
+    cost.plot(n, [r["marginal_cpu_ms_per_change"] for r in records], "s:", label="less idle CPU")
+    instance = ours["instance"]["instance_cpu_ms_per_change"]
+    cost.axhline(
+        instance, color="tab:green", linewidth=0.8, label="decode + apply (every instance)"
     )
-    cpu.set_ylabel("server CPU ms per 1000 changes (dotted: marginal)", color="tab:red")
-    cpu.set_ylim(bottom=0)
-    right.set_title("memory and CPU")
-    right.grid(True, which="both", alpha=0.3)
+    if base:
+        b = base["streams"][-1]
+        cost.plot([b["clients"]], [b["cpu_ms_per_change"]], "rv", label="all CPU, baseline")
+    cost.axhline(0.12, color="grey", linestyle="--", linewidth=0.8, label="0.12 ms (target)")
+    cost.set_xscale("log")
+    cost.set_ylim(bottom=0)
+    cost.set_xlabel("connected SSE streams")
+    cost.set_ylabel("service CPU ms per change")
+    cost.set_title("CPU per change")
+    cost.legend(fontsize=7)
+    cost.grid(True, which="both", alpha=0.3)
+
+    for label, found, style in (("this version", ours, "o-"), ("baseline", base, "s:")):
+        if not found:
+            continue
+        rows = found["wide"]
+        wide.plot(
+            [r["counterparts"] for r in rows],
+            [r["mean_event_bytes"] for r in rows],
+            style,
+            label=f"bytes per event, {label}",
+        )
+    wide.set_xscale("log")
+    wide.set_yscale("log")
+    wide.set_xlabel("counterparts of the user")
+    wide.set_ylabel("bytes per event after a change")
+    wide.set_title("events that cost what changed")
+    wide.legend(fontsize=7)
+    wide.grid(True, which="both", alpha=0.3)
+
+    labels, values = [], []
+    for label, found in (("this version", ours), ("baseline", base)):
+        if found and found.get("storm"):
+            st = found["storm"]
+            labels += [f"{label}\nservice live", f"{label}\nall current", f"{label}\nretry bound"]
+            values += [st["restart_live_s"], st["all_current_s"], st["retry_bound_s"]]
+    storm.bar(range(len(values)), values, color=["#a0aec0", "#2b6cb0", "#90cdf4"] * 2)
+    storm.set_xticks(range(len(values)), labels, fontsize=7)
+    storm.set_ylabel("seconds after the restart began")
+    storm.set_title(f"reconnect storm, {records[-1]['clients']} clients")
+    storm.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'clients':>8} {'changes/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
-        f" {'events/s':>8} {'kB/stream':>9} {'CPU s/1k':>8} {'marginal':>8} {'idle CPU':>8}"
+def table(results: dict[str, Any]) -> str:
+    head_line = (
+        f"{'version':>9} {'clients':>8} {'changes/s':>9} {'p50 ms':>7} {'p95 ms':>7}"
+        f" {'p99 ms':>7} {'events/s':>8} {'kB/stream':>9} {'CPU ms':>7} {'marginal':>8}"
+        f" {'idle CPU':>8}"
     )
-    lines = [head]
-    for r in records:
-        label = f"{r['clients']}" + ("+stall" if r.get("stalled_clients") else "")
+    lines = [head_line]
+    for label in ("ours", "baseline"):
+        found = results.get(label)
+        if not found:
+            continue
+        rows = list(found["streams"]) + ([found["stalled"]] if found.get("stalled") else [])
+        for r in rows:
+            clients = f"{r['clients']}" + ("+stall" if r.get("stalled_clients") else "")
+            lines.append(
+                f"{label:>9} {clients:>8} {r['changes_per_s']:>9.0f} {r['p50_ms']:>7.1f}"
+                f" {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['events_per_s']:>8.0f}"
+                f" {r['rss_per_stream_kb']:>9.1f} {r['cpu_ms_per_change']:>7.3f}"
+                f" {r['marginal_cpu_ms_per_change']:>8.3f} {r['idle_cpu_s_per_s'] * 100:>7.1f}%"
+            )
+    for label in ("ours", "baseline"):
+        found = results.get(label)
+        if not found:
+            continue
+        inst = found["instance"]
         lines.append(
-            f"{label:>8} {r['changes_per_s']:>9.0f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f}"
-            f" {r['p99_ms']:>7.1f} {r['events_per_s']:>8.0f} {r['rss_per_stream_kb']:>9.1f}"
-            f" {r['cpu_s_per_1000_changes']:>8.3f} {r['marginal_cpu_s_per_1000_changes']:>8.3f}"
-            f" {r['idle_cpu_s_per_s'] * 100:>7.1f}%"
+            f"{label}: every instance pays {inst['instance_cpu_ms_per_change']:.3f} ms per change"
+            f" (decode, apply); delivery to its streams {inst['delivery_cpu_ms_per_change']:.3f} ms"
         )
+        for w in found["wide"]:
+            lines.append(
+                f"{label}: user with {w['counterparts']:>6} counterparts:"
+                f" {w['mean_event_bytes']} bytes per event, {w['cpu_ms_per_change']:.3f} ms"
+                f" CPU per change"
+            )
+        st = found.get("storm")
+        if st:
+            lines.append(
+                f"{label}: restart under {st['clients']} streams: all current after"
+                f" {st['all_current_s']} s (p50 {st['p50_current_s']} s), retry bound"
+                f" {st['retry_bound_s']} s, service live after {st['restart_live_s']} s,"
+                f" {st['cpu_ms_per_reconnect']} ms CPU per reconnect"
+            )
     return "\n".join(lines)
 
 
-def targets(records: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, each with the figure measured against it."""
-    stalled = [r for r in records if r.get("stalled_clients")]
-    records = [r for r in records if not r.get("stalled_clients")]
+def targets(results: dict[str, Any]) -> list[str]:
+    """The issues' targets, each with the figure measured against it."""
+    ours = results["ours"]
+    records = ours["streams"]
     by_n = {r["clients"]: r for r in records}
     most = by_n[max(by_n)]
     worst = max(records, key=lambda r: r["p99_ms"])
@@ -646,29 +987,37 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         f" worst {worst['p99_ms']:.1f} ms (at {worst['clients']} streams)",
         f"RSS per idle stream < 20 kB: {most['rss_per_stream_kb']:.1f} kB"
         f" (at {most['clients']} streams)",
+        f"CPU per change at {most['clients']} streams <= 0.12 ms:"
+        f" {most['cpu_ms_per_change']:.3f} ms",
     ]
+    base = results.get("baseline")
+    if base:
+        b = base["streams"][-1]
+        lines.append(
+            f"  the baseline ({results['baseline_commit']}) in the same run:"
+            f" {b['cpu_ms_per_change']:.3f} ms, p99 {b['p99_ms']:.1f} ms"
+        )
     least = by_n[min(by_n)]
     if least is not most:
-        raw = most["cpu_s_per_1000_changes"] / least["cpu_s_per_1000_changes"]
-        marginal = (
-            most["marginal_cpu_s_per_1000_changes"] / least["marginal_cpu_s_per_1000_changes"]
-        )
+        raw = most["cpu_ms_per_change"] / least["cpu_ms_per_change"]
+        marginal = most["marginal_cpu_ms_per_change"] / least["marginal_cpu_ms_per_change"]
         lines.append(
             f"CPU per change at {most['clients']} streams <= 1.2 x at {least['clients']}:"
             f" {raw:.2f} x (all CPU), {marginal:.2f} x (marginal)"
         )
-    for r in stalled:
+    stalled = ours.get("stalled")
+    if stalled:
         lines.append(
-            f"with {r['stalled_clients']} more streams that never read"
-            f" ({r['stalled_blocked_at_start']} blocked in a write): p99"
-            f" {r['p99_ms']:.1f} ms for the {r['clients']} reading streams"
-            f" (without them {by_n[r['clients']]['p99_ms']:.1f} ms)"
+            f"with {stalled['stalled_clients']} more streams that never read"
+            f" ({stalled['stalled_blocked_at_start']} blocked in a write): p99"
+            f" {stalled['p99_ms']:.1f} ms for the {stalled['clients']} reading streams"
+            f" (without them {by_n[stalled['clients']]['p99_ms']:.1f} ms)"
         )
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--clients",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -690,6 +1039,26 @@ def main() -> None:
         help="then this many more streams that never read, and the largest N again (0: skip)",
     )
     parser.add_argument(
+        "--wide",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[10, 1000, 20_000],
+        help="counterparts of the wide users (default 10,1000,20000)",
+    )
+    parser.add_argument("--wide-changes", type=int, default=400, help="changes per wide user")
+    parser.add_argument("--wide-rate", type=float, default=40, help="changes/s to a wide user")
+    parser.add_argument("--wide-idle", type=float, default=5, help="seconds of idle CPU before")
+    parser.add_argument(
+        "--storm", type=int, default=1, help="restart the service under the streams (0: skip)"
+    )
+    parser.add_argument("--storm-timeout", type=float, default=180, help="seconds at most")
+    parser.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        help="git commit measured at the largest N in the same run (default: where this"
+        " branch left main; none: skip)",
+    )
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -697,6 +1066,9 @@ def main() -> None:
         help="extra environment for the service (repeatable)",
     )
     parser.add_argument("--service-log", type=Path, help="keep the service's log here")
+    parser.add_argument(
+        "--profile", type=Path, help="run the service under cProfile, its stats written here"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     parser.add_argument(
         "--quick", action="store_true", help="100 and 1000 streams, short phases (a smoke run)"
@@ -708,25 +1080,32 @@ def main() -> None:
         args.idle = min(args.idle, 3)
         args.settle = min(args.settle, 1)
         args.stalled = min(args.stalled, 100)
-    command = "python benchmarks/fanout.py " + " ".join(sys.argv[1:])
-    records = run(args)
-    for record in records:
-        record["command"] = command.strip()
-        record["cpus"] = os.cpu_count()
-        record["python"] = platform.python_version()
+        args.wide_changes = min(args.wide_changes, 40)
+    load = wait_for_quiet(args.max_load, 900)
+    log(f"load average {load}")
+    results = run(args)
+    results.update(
+        command="python benchmarks/fanout.py " + " ".join(sys.argv[1:]),
+        version=head(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        load_average_before=load,
+        load_average_after=load_average(),
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     # A smoke run never replaces the full results.
     stem = "fanout-quick" if args.quick else "fanout"
-    (args.out / f"{stem}.json").write_text(json.dumps(records, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = (
         f"replicator fan-out, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" heartbeat {args.heartbeat:g} s"
+        f" heartbeat {args.heartbeat:g} s; this version {results['version']}"
+        + (f", baseline {results['baseline_commit']}" if "baseline_commit" in results else "")
     )
-    plot(records, args.out / f"{stem}.png", title)
+    plot(results, args.out / f"{stem}.png", title)
     print()
-    print(table(records))
+    print(table(results))
     print()
-    print("\n".join(targets(records)))
+    print("\n".join(targets(results)))
     print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
 
 

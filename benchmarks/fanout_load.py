@@ -4,6 +4,14 @@ Driven by JSON lines on stdin, answering with JSON lines on stdout:
   {"cmd": "open", "total": N}       open streams until N are up (each has had its first event)
   {"cmd": "record"}                 forget what was received so far, start recording events
   {"cmd": "collect", "path": P}     write the recorded events to P as JSON
+  {"cmd": "reconnect", "target": L} from now on, reconnect every stream that ends as badges.js
+                                    does (a ticket, then the stream; waits of 1 s, 2, 4, ... up
+                                    to 30 s, each +-10 %, back to 1 s after an event)
+  {"cmd": "storm", "path": P, "timeout": S}
+                                    answer once every stream has the current state again (an
+                                    event at LSN >= L, or the service saying it is live) or after
+                                    S seconds; write each stream's attempts and the time it got
+                                    there to P
 Events are recorded as [user index, commit LSN, receive time]; the receive time is
 ``time.monotonic()``, the system-wide CLOCK_MONOTONIC that the writer reads too.
 The process ends its streams and exits when stdin closes.
@@ -16,6 +24,8 @@ import asyncio
 import contextlib
 import json
 import os
+import random
+import re
 import resource
 import socket
 import struct
@@ -36,6 +46,10 @@ def user_id(index: int) -> str:
     return f"00000000-0000-4000-8000-{index:012x}"
 
 
+#: badges.js's reconnect waits: the first, and the longest (ms), each +-10 %
+MIN_DELAY_S, MAX_DELAY_S = 1.0, 30.0
+
+
 class Recorder:
     """What all streams of this process received."""
 
@@ -45,15 +59,32 @@ class Recorder:
         self.heartbeats = 0
         self.failed = 0
         self.ended = 0
+        #: reconnecting: the LSN a stream must have seen again, and when each one did
+        self.target: int | None = None
+        self.reached: dict[int, float] = {}
+        #: reconnecting: the start time of every attempt, by stream
+        self.attempts: dict[int, list[float]] = {}
 
 
 class SSEStream(asyncio.Protocol):
     """One ``GET /v1/badges/stream``: headers, chunked transfer coding, SSE events."""
 
-    def __init__(self, index: int, request: bytes, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        index: int,
+        request: bytes,
+        recorder: Recorder,
+        on_end: Any = None,
+        *,
+        ticket_request: bytes | None = None,
+    ) -> None:
         self.index = index
+        #: the stream's request; with a ticket request first, its ``{ticket}`` is filled in
         self.request = request
+        self.ticket_request = ticket_request
         self.recorder = recorder
+        #: called with the stream when its connection ends
+        self.on_end = on_end
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._head = b""
@@ -63,15 +94,47 @@ class SSEStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
+        # A browser's fetch of the ticket leaves a kept-alive connection that its
+        # EventSource then uses: so does this.
+        self.transport.write(self.ticket_request or self.request)
+
+    def _ticket_answer(self) -> bool:
+        """Read the ticket's answer; send the stream's request with it. False: not yet."""
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = self._head[:end]
+        match = re.search(rb"(?i)content-length: *(\d+)", head)
+        length = int(match.group(1)) if match else 0
+        if len(self._head) < end + 4 + length:
+            return False
+        body, self._head = self._head[end + 4 : end + 4 + length], self._head[end + 4 + length :]
+        self.ticket_request = None
+        if not head.startswith(b"HTTP/1.1 200"):
+            self.recorder.failed += 1
+            if not self.ready.done():
+                self.ready.set_result(False)
+            self.close()
+            return False
+        ticket = json.loads(body)["ticket"]
+        assert self.transport is not None
+        self.transport.write(self.request.replace(b"{ticket}", ticket.encode()))
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.recorder.ended += 1
         if not self.ready.done():
             self.ready.set_result(False)
+        if self.on_end is not None:
+            self.on_end(self)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
+        if self.ticket_request is not None:
+            self._head += data
+            if not self._ticket_answer():
+                return
+            data, self._head = self._head, b""
         if not self._in_body:
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -110,17 +173,34 @@ class SSEStream(asyncio.Protocol):
         if block.startswith(b":"):
             self.recorder.heartbeats += 1
             return
+        recorder = self.recorder
+        if b"event: status" in block:
+            # A stream opened while the new service was loading its snapshot got the state
+            # before it; a user whose counts did not change gets no new state, only this: the
+            # service is live, and the state shown is current.
+            if recorder.target is not None and b'"live":true' in block:
+                recorder.reached.setdefault(self.index, now)
+            return
         if b"event: badges" not in block:
             return
+        if (
+            recorder.target is not None
+            and self.index not in recorder.reached
+            and parse_lsn(self._lsn(block).decode()) >= recorder.target
+        ):
+            recorder.reached[self.index] = now
         if not self.ready.done():
             # The state on connect, not a change: never counted.
             self.ready.set_result(True)
             return
-        if self.recorder.recording:
-            start = block.index(b"id: ") + 4
-            end = block.find(b"\n", start)
-            lsn = block[start:] if end < 0 else block[start:end]
-            self.recorder.events.append((self.index, lsn, now))
+        if recorder.recording:
+            recorder.events.append((self.index, self._lsn(block), now))
+
+    @staticmethod
+    def _lsn(block: bytes) -> bytes:
+        start = block.index(b"id: ") + 4
+        end = block.find(b"\n", start)
+        return block[start:] if end < 0 else block[start:end]
 
     def close(self) -> None:
         transport = self.transport
@@ -141,6 +221,9 @@ class Load:
         self.count = count
         self.recorder = Recorder()
         self.streams: list[SSEStream] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: streams this process holds (open or coming back)
+        self.count_open = 0
 
     def _request(self, index: int) -> bytes:
         token = mint_token(self.secret, user_id(index), ttl=6 * 3600)
@@ -174,11 +257,71 @@ class Load:
         slots = asyncio.Semaphore(IN_FLIGHT)
         wanted = range(self.first + len(self.streams), self.first + total)
         results = await asyncio.gather(*(self._open_one(i, slots) for i in wanted))
+        self.count_open = len(self.streams)
         return {
             "open": len(self.streams),
             "failed": results.count(False),
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    def reconnect(self, target: int) -> dict[str, Any]:
+        """From now on, streams that end come back as badges.js brings them back."""
+        self.recorder.target = target
+        self.recorder.reached = {}
+        self.recorder.attempts = {}
+        for stream in self.streams:
+            stream.on_end = self._ended
+        return {"reconnecting": len(self.streams)}
+
+    def _ended(self, stream: SSEStream) -> None:
+        with contextlib.suppress(ValueError):
+            self.streams.remove(stream)
+        task = asyncio.get_running_loop().create_task(self._come_back(stream.index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _come_back(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.0
+        token = mint_token(self.secret, user_id(index), ttl=6 * 3600)
+        attempts = self.recorder.attempts.setdefault(index, [])
+        while True:
+            delay = MIN_DELAY_S if not delay else min(delay * 2, MAX_DELAY_S)
+            await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+            attempts.append(time.monotonic())
+            host = f"Host: {self.host}:{self.port}\r\n"
+            stream = SSEStream(
+                index,
+                f"GET /v1/badges/stream?ticket={{ticket}} HTTP/1.1\r\n{host}"
+                "Accept: text/event-stream\r\n\r\n".encode(),
+                self.recorder,
+                ticket_request=f"POST /v1/badges/ticket HTTP/1.1\r\n{host}"
+                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode(),
+            )
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda s=stream: s, self.host, self.port),  # type: ignore[misc]
+                    CONNECT_TIMEOUT_S,
+                )
+                ok = await asyncio.wait_for(stream.ready, CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError):
+                ok = False
+            transport = stream.transport
+            if ok and transport is not None and not transport.is_closing():
+                stream.on_end = self._ended
+                self.streams.append(stream)
+                return
+            stream.close()
+
+    async def storm(self, path: str, timeout: float) -> dict[str, Any]:
+        """Wait until every stream has seen the target LSN again (or ``timeout``)."""
+        rec = self.recorder
+        deadline = time.monotonic() + timeout
+        while len(rec.reached) < self.count_open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with open(path, "w") as f:
+            json.dump({"reached": rec.reached, "attempts": rec.attempts}, f)
+        return {"reached": len(rec.reached), "of": self.count_open}
 
     def record(self) -> dict[str, Any]:
         rec = self.recorder
@@ -201,7 +344,10 @@ class Load:
         }
 
     def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for stream in self.streams:
+            stream.on_end = None
             stream.close()
 
 
@@ -219,6 +365,10 @@ async def commands(load: Load) -> None:
                 answer = load.record()
             elif name == "collect":
                 answer = load.collect(command["path"])
+            elif name == "reconnect":
+                answer = load.reconnect(int(command["target"]))
+            elif name == "storm":
+                answer = await load.storm(command["path"], float(command["timeout"]))
             else:
                 answer = {"error": f"unknown command {name!r}"}
             sys.stdout.write(json.dumps(answer) + "\n")

@@ -148,16 +148,40 @@ class Event:
     event: str
     data: Any
     id: str | None = None
+    #: the data as sent (for ``badges-change``, only what changed; ``data`` is then the state)
+    raw: Any = None
+
+
+def merge_change(state: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """A ``badges-change`` applied to the state it follows, as a client does it."""
+    merged = dict(state)
+    for key, value in change.items():
+        if isinstance(value, dict):
+            counts = dict(merged.get(key, {}))
+            for counterpart, count in value.items():
+                if count:
+                    counts[counterpart] = count
+                else:
+                    counts.pop(counterpart, None)
+            merged[key] = counts
+        else:
+            merged[key] = value
+    return merged
 
 
 class EventReader:
-    """Parses a text/event-stream into events (comments and retry lines are counted)."""
+    """Parses a text/event-stream into events (comments and retry lines are counted), and
+    keeps the user's state as a client would: the last ``badges``, with later
+    ``badges-change`` events merged into it."""
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self._lines = response.aiter_lines()
         self.comments = 0
         self.retry: int | None = None
+        self.state: dict[str, Any] | None = None
+        #: events by kind, as received
+        self.kinds: list[str] = []
 
     async def next(self, timeout: float = 30) -> Event:
         name, data, ident = "message", [], None
@@ -165,7 +189,7 @@ class EventReader:
             async for line in self._lines:
                 if not line:
                     if data:
-                        return Event(name, json.loads("\n".join(data)), ident)
+                        return self._event(name, json.loads("\n".join(data)), ident)
                     continue
                 if line.startswith(":"):
                     self.comments += 1
@@ -182,14 +206,26 @@ class EventReader:
                     self.retry = int(value)
         raise AssertionError("stream ended")
 
+    def _event(self, name: str, data: Any, ident: str | None) -> Event:
+        self.kinds.append(name)
+        if name == "badges":
+            self.state = data
+        elif name == "badges-change":
+            assert self.state is not None, "a badges-change before any badges"
+            self.state = merge_change(self.state, data)
+            return Event(name, self.state, ident, data)
+        return Event(name, data, ident, data)
+
     async def next_badges(self, timeout: float = 30) -> Event:
+        """The next ``badges`` or ``badges-change``; its ``data`` is the state it leaves."""
         while True:
             event = await self.next(timeout)
-            if event.event == "badges":
+            if event.event in ("badges", "badges-change"):
                 return event
 
     async def until(self, predicate: Any, timeout: float = 30) -> Event:
-        """The first badges event whose data satisfies ``predicate`` (states may be skipped)."""
+        """The first event leaving a state that satisfies ``predicate`` (states may be
+        skipped)."""
         with anyio.fail_after(timeout):
             while True:
                 event = await self.next_badges(timeout)
@@ -199,10 +235,15 @@ class EventReader:
 
 @asynccontextmanager
 async def open_stream(
-    url: str, token: str | None, *, via: str = "header", timeout: float = 30
+    url: str,
+    token: str | None,
+    *,
+    via: str = "header",
+    timeout: float = 30,
+    params: dict[str, str] | None = None,
 ) -> AsyncIterator[EventReader]:
     headers: dict[str, str] = {}
-    params: dict[str, str] = {}
+    params = dict(params or {})
     cookies: dict[str, str] = {}
     if token is not None:
         if via == "header":
@@ -221,13 +262,16 @@ async def open_stream(
             yield EventReader(response)
 
 
-def stalled_stream(url: str, token: str) -> socket.socket:
+def stalled_stream(
+    url: str, token: str, query: str = "", *, receive_buffer: int = 4096
+) -> socket.socket:
     """Open a stream on a raw socket with a small receive buffer, then never read from it."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
     sock.sendall(
-        f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"GET /v1/badges/stream{'?' + query if query else ''} HTTP/1.1\r\nHost: {host}\r\n"
         f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
     )
     return sock

@@ -100,7 +100,7 @@ async def database_counts(dsn: str, specs: list[BadgeSpec] | None = None) -> Cou
 
 
 def state_counts(state: BadgeState) -> Counts:
-    return {user: tuple(dict(by) for by in c) for user, c in state.users.items()}
+    return {user: tuple(dict(by) for by in c) for user, c in state.items()}
 
 
 async def sync_point(dsn: str, timeout: float = 60) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
@@ -730,3 +731,94 @@ def test_the_demo_buttons_move_both_devices(shared: RunningService, browser: Bro
         context.close()
     # the page runs under its Content-Security-Policy without a violation or an error
     assert problems == []
+
+
+def test_badges_js_shows_exact_counts_while_changes_arrive(
+    shared: RunningService, app: str, page: Page, dsn: str
+) -> None:
+    """A random run of reads, messages, missed calls and seen calls, some in bursts: the
+    client's state (the first ``badges`` with every ``badges-change`` merged by badges.js) and
+    its totals end equal to the badge queries."""
+    user = str(uuid.uuid4())
+    rng = random.Random(3)
+    movers = list(CONTACTS)
+    # senders whose messages stay unread, so that no change is larger than the whole state
+    # and every event after the first is a badges-change
+    steady = [str(uuid.UUID(int=0xD00 + i, version=4)) for i in range(8)]
+    for sender in steady:
+        message(dsn, sender, user)
+    token = shared.token(user)
+    connect_tab(page, app, shared, token, False)
+    page.wait_for_function("window.latest && window.clientStatus.live")
+    page.evaluate(
+        """([url, token]) => {
+            window.kinds = [];
+            const source = new EventSource(`${url}?access_token=${token}`);
+            for (const kind of ["badges", "badges-change"]) {
+                source.addEventListener(kind, () => window.kinds.push(kind));
+            }
+        }""",
+        [shared.url + "/v1/badges/stream", token],
+    )
+    page.wait_for_function("window.kinds.length === 1")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(80):
+            with conn.transaction():
+                for _ in range(rng.randint(1, 3)):
+                    person, op = rng.choice(movers), rng.random()
+                    if op < 0.5:
+                        conn.execute(
+                            "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+                            (person, user),
+                        )
+                    elif op < 0.7:
+                        conn.execute(
+                            "UPDATE messages SET read_at = now()"
+                            " WHERE recipient_id = %s AND sender_id = %s",
+                            (user, person),
+                        )
+                    elif op < 0.9:
+                        conn.execute(
+                            "INSERT INTO calls (caller_id, callee_id, status)"
+                            " VALUES (%s, %s, 'missed')",
+                            (person, user),
+                        )
+                    else:
+                        conn.execute(
+                            "UPDATE calls SET seen_at = now() WHERE callee_id = %s", (user,)
+                        )
+        unread_now = dict(
+            conn.execute(
+                "SELECT sender_id::text, count(*) FROM messages WHERE recipient_id = %s"
+                " AND read_at IS NULL GROUP BY 1",
+                (user,),
+            ).fetchall()
+        )
+        calls = dict(
+            conn.execute(
+                "SELECT caller_id::text, count(*) FROM calls WHERE callee_id = %s"
+                " AND status = 'missed' AND seen_at IS NULL GROUP BY 1",
+                (user,),
+            ).fetchall()
+        )
+    want = {
+        "unread_messages": unread_now,
+        "missed_calls": calls,
+        "total_unread_messages": sum(unread_now.values()),
+        "total_missed_calls": sum(calls.values()),
+    }
+    page.wait_for_function(
+        """(want) => {
+            const state = window.latest;
+            const same = (a, b) => JSON.stringify(Object.entries(a).sort())
+                === JSON.stringify(Object.entries(b).sort());
+            return same(state.unread_messages, want.unread_messages)
+                && same(state.missed_calls, want.missed_calls)
+                && state.total_unread_messages === want.total_unread_messages
+                && state.total_missed_calls === want.total_missed_calls;
+        }""",
+        arg=want,
+    )
+    kinds = page.evaluate("window.kinds")
+    assert kinds[0] == "badges" and len(kinds) > 1
+    assert set(kinds[1:]) == {"badges-change"}

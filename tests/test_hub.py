@@ -11,6 +11,7 @@ import pytest
 from replicator.badges.state import BadgeState
 from replicator.fanout.hub import (
     HEARTBEAT,
+    MAX_PENDING,
     REAUTHENTICATE,
     HeartbeatWheel,
     Hub,
@@ -19,16 +20,34 @@ from replicator.fanout.hub import (
     badges_payload,
     encode_badges_event,
 )
+from replicator.pg.lsn import format_lsn
+from replicator.web.stream import body_writer
 from tests.support import DEFAULT_SPECS, empty_state
 
 
-def test_latest_state_replaces_pending_and_heartbeat_yields_to_events() -> None:
-    sub = Subscriber("u")
+def put(state: BadgeState, user: str, maps: list[dict[str, int]]) -> None:
+    for badge, counts in enumerate(maps):
+        state.load(badge, [(user, counterpart, n) for counterpart, n in counts.items()])
+
+
+def test_pending_changes_merge_and_heartbeat_yields_to_events() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state)
+    sub = hub.subscribe("u")
     sub.heartbeat = True
-    sub.badges = b"old"
-    sub.badges = b"new"
+    put(state, "u", [{"a": 2, "b": 1}, {}])
+    hub.publish(0x10, {"u": [{"a": 2, "b": 1}, {}]})
+    put(state, "u", [{"c": 5}, {}])
+    hub.publish(0x20, {"u": [{"c": 5}, {}]})
     sub.status = b"status"
-    assert sub.take() == b"statusnew"
+    data = sub.take()
+    assert data is not None and data.startswith(b"status")
+    block = data.removeprefix(b"status").decode()
+    assert block == (
+        "id: 0/20\nevent: badges-change\n"
+        'data: {"user_id":"u","lsn":"0/20","unread_messages":{"a":2,"b":1,"c":5},'
+        '"missed_calls":{},"total_unread_messages":8,"total_missed_calls":0}\n\n'
+    )
     assert sub.take() is None  # the heartbeat was covered by the event
     sub.heartbeat = True
     assert sub.take() == HEARTBEAT
@@ -38,7 +57,7 @@ def test_latest_state_replaces_pending_and_heartbeat_yields_to_events() -> None:
 def test_badges_event_is_one_sse_block_with_lsn_as_id() -> None:
     state = empty_state(DEFAULT_SPECS)
     state.lsn = 0x16B3748
-    state.users["u"] = [{"s\nnewline": 2}, {}]
+    put(state, "u", [{"s\nnewline": 2}, {}])
     block = encode_badges_event("u", state).decode()
     assert block.endswith("\n\n") and block.count("\n") == 4
     fields = dict(line.split(": ", 1) for line in block.strip().split("\n"))
@@ -52,7 +71,7 @@ def test_badges_event_is_one_sse_block_with_lsn_as_id() -> None:
 def test_default_event_is_byte_for_byte_the_contract_example() -> None:
     state = empty_state(DEFAULT_SPECS)
     state.lsn = 0x16B3748
-    state.users["u"] = [{"s1": 3}, {"s2": 1}]
+    put(state, "u", [{"s1": 3}, {"s2": 1}])
     data = encode_badges_event("u", state).decode().split("data: ", 1)[1].strip()
     assert data == (
         '{"user_id":"u","lsn":"0/16B3748","unread_messages":{"s1":3},"missed_calls":{"s2":1},'
@@ -62,7 +81,7 @@ def test_default_event_is_byte_for_byte_the_contract_example() -> None:
 
 def test_event_lists_maps_of_grouped_badges_then_every_total_in_file_order() -> None:
     state = BadgeState(["alerts", "urgent", "mentions"], [True, False, True])
-    state.users["u"] = [{"ci": 2, "db": 1}, {"": 4}, {}]
+    put(state, "u", [{"ci": 2, "db": 1}, {"": 4}, {}])
     assert list(badges_payload("u", state).items()) == [
         ("user_id", "u"),
         ("lsn", "0/0"),
@@ -146,7 +165,7 @@ async def test_notify_wakes_the_waiting_stream_and_close_ends_it() -> None:
     sub = hub.subscribe("u")
     waiter = asyncio.get_running_loop().create_task(sub.wait())
     await asyncio.sleep(0)
-    hub.publish(1, {"u", "nobody"})
+    hub.publish(1, {"u": None, "nobody": None})
     await asyncio.wait_for(waiter, 5)
     assert sub.take() is not None
     waiter = asyncio.get_running_loop().create_task(sub.wait())
@@ -167,7 +186,7 @@ def test_wheel_ends_a_stream_at_its_token_expiry() -> None:
     for _ in wheel.slots:
         wheel.turn(now=99.5)
     assert not sub.expired and sub.take() is None
-    sub.badges = b"pending"
+    sub.full = True
     for _ in wheel.slots:
         wheel.turn(now=100.0)
     # It replaces what was pending: the client reconnects for the whole state.
@@ -252,3 +271,95 @@ def test_refused_streams_are_counted() -> None:
     with pytest.raises(LimitExceeded):
         hub.subscribe("d")
     assert sum(hub.stats.refused.values()) == 3
+
+
+def sse(block: bytes) -> tuple[str, dict[str, object]]:
+    fields = dict(line.split(": ", 1) for line in block.decode().strip().split("\n"))
+    return fields["event"], json.loads(fields["data"])
+
+
+def test_a_change_costs_what_moved_not_what_the_user_has() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state)
+    sub = hub.subscribe("wide")
+    senders = {f"00000000-0000-4000-8000-{i:012x}": 1 for i in range(20_000)}
+    put(state, "wide", [senders, {}])
+    first = hub.current_event("wide")
+    assert len(first) > 20_000 * 40
+    moved = {"00000000-0000-4000-8000-000000000007": 2, "new": 1}
+    state.merge([{("wide", s): 1 for s in moved}, {}], set(), 0x30)
+    hub.publish(0x30, {"wide": [moved, {}]})
+    block = sub.take()
+    assert block is not None and len(block) < 300
+    assert sse(block) == (
+        "badges-change",
+        {
+            "user_id": "wide",
+            "lsn": "0/30",
+            "unread_messages": moved,
+            "missed_calls": {},
+            "total_unread_messages": 20_002,
+            "total_missed_calls": 0,
+        },
+    )
+
+
+def test_a_change_larger_than_the_whole_state_is_sent_as_the_whole_state() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state)
+    sub = hub.subscribe("u")
+    senders = [f"s{i}" for i in range(50)]
+    state.merge([{("u", s): 1 for s in senders}, {}], set(), 0x10)
+    hub.publish(0x10, {"u": [dict.fromkeys(senders, 1), {}]})
+    assert sse(sub.take() or b"")[0] == "badges-change"
+    # all cleared but one new: 51 entries moved, one left
+    changes = state.merge([{**{("u", s): -1 for s in senders}, ("u", "z"): 1}, {}], set(), 0x20)
+    hub.publish(0x20, changes)
+    kind, data = sse(sub.take() or b"")
+    assert kind == "badges" and data["unread_messages"] == {"z": 1}
+
+
+def test_bursts_merge_per_stream_and_fall_back_to_the_whole_state() -> None:
+    """A stream that does not write while changes arrive sends them merged, once; one whose
+    merged changes would outgrow the whole state sends the whole state."""
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state)
+    slow, fast, whole = hub.subscribe("u"), hub.subscribe("u"), hub.subscribe("u", whole=True)
+    model = {f"p{i}": 1 for i in range(20)}
+    put(state, "u", [dict(model), {}])
+    shown = dict(model)  # what the slow stream's client holds
+    sent: list[tuple[str, dict[str, object]]] = []
+    for lsn in range(1, 3 * MAX_PENDING):
+        sender = f"s{lsn % 5}"
+        delta = -model[sender] if lsn % 7 == 0 else 1
+        model[sender] = model.get(sender, 0) + delta
+        hub.publish(lsn, state.merge([{("u", sender): delta}, {}], set(), lsn))
+        sent.append(sse(fast.take() or b""))
+        assert sse(whole.take() or b"")[0] == "badges"
+    assert {kind for kind, _ in sent} == {"badges-change"}
+    kind, merged = sse(slow.take() or b"")
+    assert kind == "badges-change" and merged["lsn"] == format_lsn(3 * MAX_PENDING - 1)
+    shown.update(merged["unread_messages"])  # type: ignore[call-overload]
+    assert {s: n for s, n in shown.items() if n} == {s: n for s, n in model.items() if n}
+    assert merged["total_unread_messages"] == sum(model.values())
+    assert slow.take() is None
+    # many senders come and go while the stream waits: more moved than is left
+    for lsn in range(100, 100 + 3 * MAX_PENDING):
+        hub.publish(lsn, state.merge([{("u", f"t{lsn}"): 1}, {}], set(), lsn))
+        hub.publish(lsn, state.merge([{("u", f"t{lsn}"): -1}, {}], set(), lsn))
+    assert slow.changes is None and slow.full  # merged early: it never holds more than that
+    kind, data = sse(slow.take() or b"")
+    assert kind == "badges" and data["unread_messages"] == {s: n for s, n in model.items() if n}
+
+
+@pytest.mark.anyio
+async def test_a_server_other_than_uvicorns_h11_gets_every_write_through_asgi() -> None:
+    sent: list[object] = []
+
+    async def send(message: object) -> None:
+        sent.append(message)
+
+    write, at_once = body_writer({"type": "http", "http_version": "1.1"}, send)  # type: ignore[arg-type]
+    assert at_once is None
+    await write(b"event")
+    assert sent == [{"type": "http.response.body", "body": b"event", "more_body": True}]

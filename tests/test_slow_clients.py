@@ -77,7 +77,8 @@ async def test_stream_blocked_past_the_send_timeout_is_closed(database: Database
     with running_service(
         database.dsn, database.slot, env={"REPLICATOR_SEND_TIMEOUT_S": "1"}
     ) as service:
-        stalled = stalled_stream(service.url, service.token(ALICE))
+        # whole states, so that each event is larger than the last
+        stalled = stalled_stream(service.url, service.token(ALICE), "events=full")
         try:
             async with open_stream(service.url, service.token(BOB)) as bob:
                 await bob.next_badges()

@@ -56,6 +56,10 @@ def test_a_table_without_schema_is_in_replicator_schema() -> None:
         ("title = 'x'", "f.toml: unknown top-level key 'title'; a badges file holds [[badge]]"),
         ("", "f.toml: no [[badge]] entries"),
         ("badge = 3", "f.toml: no [[badge]] entries"),
+        (
+            "".join(f'[[badge]]\nname = "b{i}"\ntable = "t"\nuser = "u"\n' for i in range(256)),
+            "f.toml: 256 [[badge]] entries; a file holds at most 255",
+        ),
         (one('colour = "red"'), "f.toml: badge 'b': colour: unknown key; a badge has name, table"),
         ('[[badge]]\ntable = "t"\nuser = "u"', "f.toml: badge #1: name: missing"),
         ('[[badge]]\nname = "b"\nuser = "u"', "f.toml: badge 'b': table: missing"),

@@ -275,7 +275,7 @@ def test_resume_skips_transactions_applied_before() -> None:
 def test_truncate_first_after_start_is_applied() -> None:
     # A table's first sight after a (re)start may be a TRUNCATE, which carries no columns.
     applier, feed = applier_from(counts_after("drop column"))
-    assert applier.state.users
+    assert len(applier.state)
     for step in steps("truncate", "identity default"):
         for record in records(step):
             feed(record.payload, record.lsn)

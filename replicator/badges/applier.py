@@ -19,7 +19,7 @@ from typing import Any
 
 from replicator.badges.predicate import RowTest
 from replicator.badges.spec import Badge
-from replicator.badges.state import BadgeState, Pair
+from replicator.badges.state import BadgeState, Changes, Pair
 from replicator.badges.tables import Key, TableMap, moved, qualified
 from replicator.errors import NeedsCatalog, SchemaError, StartAfresh
 from replicator.pg.changes import Projection, Relation, Values
@@ -35,8 +35,8 @@ WARN_EVERY_S = 60.0
 class Applier:
     """Applies the rows of badge tables to a ``BadgeState``, one transaction at a time.
 
-    ``on_commit`` is called with the commit LSN and the changed users after each transaction
-    that changed something; ``on_message`` with each transactional logical message.
+    ``on_commit`` is called with the commit LSN and what changed for whom after each
+    transaction that changed something; ``on_message`` with each transactional logical message.
 
     ``tables`` places the relations of the stream: partitions of badge tables count for their
     table's badges, a relation it does not know raises ``NeedsCatalog``. Without it, badge
@@ -49,7 +49,7 @@ class Applier:
         badges: Sequence[Badge],
         *,
         tables: TableMap | None = None,
-        on_commit: Callable[[int, set[str]], None] | None = None,
+        on_commit: Callable[[int, Changes], None] | None = None,
         on_message: Callable[[str, str], None] | None = None,
     ) -> None:
         self.state = state

@@ -31,20 +31,24 @@ def condition(badge: Badge) -> sql.Composable:
     return sql.SQL(" AND ").join(parts)
 
 
-def counts(badge: Badge) -> sql.Composed:
-    """The badge's counts: one ``(user, counterpart, count)`` row per pair with a count."""
+def counts(badge: Badge, *, as_text: bool = True) -> sql.Composed:
+    """The badge's counts: one ``(user, counterpart, count)`` row per pair with a count.
+
+    ``as_text=False`` leaves the ids in their column's type (the snapshot reads them in
+    binary); the rows are the same."""
     spec = badge.spec
-    user = sql.Identifier(spec.user)
+    cast = sql.SQL("::text" if as_text else "")
+    user = sql.SQL("{}{}").format(sql.Identifier(spec.user), cast)
     if spec.counterpart is None:
         return sql.SQL(
-            "SELECT {user}::text, '', count(*) FROM {table} WHERE {condition} GROUP BY 1"
+            "SELECT {user}, ''::text, count(*) FROM {table} WHERE {condition} GROUP BY 1"
         ).format(user=user, table=table(badge), condition=condition(badge))
     return sql.SQL(
-        "SELECT {user}::text, {counterpart}::text, count(*) FROM {table}"
-        " WHERE {condition} GROUP BY 1, 2"
+        "SELECT {user}, {counterpart}{cast}, count(*) FROM {table} WHERE {condition} GROUP BY 1, 2"
     ).format(
         user=user,
         counterpart=sql.Identifier(spec.counterpart),
+        cast=cast,
         table=table(badge),
         condition=condition(badge),
     )

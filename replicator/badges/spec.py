@@ -88,6 +88,10 @@ class Badge:
         return self.spec.name
 
 
+#: the state packs a badge's number into one byte
+MAX_BADGES = 255
+
+
 def load(path: Path | None, *, schema: str = "public") -> list[BadgeSpec]:
     """The badges of a file (the built-in default when ``path`` is None)."""
     source = path or DEFAULT_FILE
@@ -117,6 +121,10 @@ def parse(text: str, *, label: str = "badges file", schema: str = "public") -> l
     entries = document.get("badge")
     if not isinstance(entries, list) or not entries:
         raise BadgeFileError(f"{label}: no [[badge]] entries")
+    if len(entries) > MAX_BADGES:
+        raise BadgeFileError(
+            f"{label}: {len(entries)} [[badge]] entries; a file holds at most {MAX_BADGES}"
+        )
     specs: list[BadgeSpec] = []
     for number, entry in enumerate(entries, start=1):
         specs.append(_entry(entry, number, label, schema))

@@ -1,8 +1,16 @@
-"""Per-user fan-out: each stream holds only the latest state it has not sent yet.
+"""Per-user fan-out: each stream holds only what it has not sent yet, never a queue.
 
-A change touches only the changed users' streams; the event for a user's new state is
-encoded once and the same bytes go to every device of that user. A stream that reads slowly
-keeps one pending event, overwritten by newer ones, so it never delays anyone else.
+A commit touches only the changed users' streams. What changed for a user is encoded once as
+a ``badges-change`` event (the counterparts whose counts moved and the new totals) and the
+same bytes go to every device of that user, so an event costs what changed, not what the user
+has. A stream that reads slowly holds the changes it has not sent; when it writes again they
+are merged into one, and once they would be larger than the whole state, it gets the whole
+state instead (``badges``), encoded when it is sent. Streams opened with ``?events=full`` get
+whole states only, encoded once per user and commit.
+
+A stream with nothing pending whose connection takes bytes at once (``Subscriber.direct``)
+is written to right where the event is made, so an event, a status or a heartbeat costs one
+write and no wake-up of the stream's task; the task writes only what had to wait.
 
 Heartbeats come from one wheel per interval rather than a timer per stream: each stream sits
 in one of the wheel's slots, and each tick looks at one slot's streams and flags a heartbeat
@@ -25,13 +33,13 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 from sse_starlette import ServerSentEvent
 
-from replicator.badges.state import BadgeState
+from replicator.badges.state import BadgeState, Changes, Moved
 from replicator.pg.lsn import format_lsn
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,10 @@ MAX_TICK_S = 0.25
 REJOIN_S = 120.0
 #: why a stream was refused (the label of replicator_streams_refused_total)
 REFUSALS = ("user", "address", "anonymous", "reserve", "capacity", "shutdown")
+#: changes a stream holds unmerged; beyond, they are merged at once (memory stays bounded)
+MAX_PENDING = 16
+#: ``?events=`` values: changes after the first state (the default), or whole states only
+EVENT_MODES = ("changes", "full")
 
 
 class LimitExceeded(Exception):
@@ -74,12 +86,29 @@ def badges_payload(user: str, state: BadgeState) -> dict[str, object]:
     return payload
 
 
+def change_payload(
+    user: str, lsn: int, moved: Moved, totals: Sequence[int], state: BadgeState
+) -> dict[str, object]:
+    """What changed: the same shape as the whole state, each map holding only the
+    counterparts whose counts moved (0: cleared), and every total."""
+    payload: dict[str, object] = {"user_id": user, "lsn": format_lsn(lsn)}
+    for name, grouped, by_counterpart in zip(state.names, state.grouped, moved, strict=True):
+        if grouped:
+            payload[name] = by_counterpart
+    for name, total in zip(state.names, totals, strict=True):
+        payload["total_" + name] = total
+    return payload
+
+
+def encode_event(kind: str, payload: dict[str, object]) -> bytes:
+    """One SSE block, ``id`` the payload's LSN (what ``ServerSentEvent`` writes, faster)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {payload['lsn']}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
 def encode_badges_event(user: str, state: BadgeState) -> bytes:
     """The SSE bytes of a user's state, encoded once and shared by all the user's streams."""
-    payload = badges_payload(user, state)
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    event = ServerSentEvent(data, event="badges", id=str(payload["lsn"]), sep="\n")
-    return event.encode()
+    return encode_event("badges", badges_payload(user, state))
 
 
 def encode_status_event(live: bool, lag_ms: int) -> bytes:
@@ -87,25 +116,65 @@ def encode_status_event(live: bool, lag_ms: int) -> bytes:
     return ServerSentEvent(data, event="status", sep="\n").encode()
 
 
+class Change:
+    """What one commit (or several, merged) changed for one user, shared by its streams."""
+
+    __slots__ = ("event", "lsn", "moved", "pairs", "size", "totals", "user")
+
+    def __init__(
+        self, user: str, lsn: int, moved: Moved, totals: list[int], pairs: int, event: bytes
+    ) -> None:
+        self.user = user
+        self.lsn = lsn
+        self.moved = moved
+        self.totals = totals
+        #: the user's (badge, counterpart) counts after it: the size of the whole state
+        self.pairs = pairs
+        #: entries it lists
+        self.size = sum(len(m) for m in moved)
+        self.event = event
+
+
+def merge_changes(changes: Sequence[Change], state: BadgeState) -> Change | None:
+    """One change saying what ``changes`` said, in order; None when it would list more than
+    the whole state holds (then the whole state is the smaller event)."""
+    last = changes[-1]
+    moved: Moved = [dict(m) for m in changes[0].moved]
+    for change in changes[1:]:
+        for into, more in zip(moved, change.moved, strict=True):
+            into.update(more)
+    if sum(len(m) for m in moved) > last.pairs:
+        return None
+    payload = change_payload(last.user, last.lsn, moved, last.totals, state)
+    return Change(
+        last.user, last.lsn, moved, last.totals, last.pairs, encode_event("badges-change", payload)
+    )
+
+
 class Subscriber:
-    """One open stream: at most one pending badges event, one status event, one heartbeat."""
+    """One open stream: what it has not sent yet (the whole state, or changes), one status
+    event, one heartbeat."""
 
     __slots__ = (
         "_waiter",
         "aborted",
         "address",
         "anonymous",
-        "badges",
         "beat_slot",
+        "changes",
         "closed",
+        "direct",
         "expired",
         "expires_at",
+        "full",
         "heartbeat",
         "last_sent",
         "send_deadline",
+        "source",
         "status",
         "task",
         "user",
+        "whole",
     )
 
     def __init__(
@@ -115,6 +184,8 @@ class Subscriber:
         address: str | None = None,
         anonymous: bool = False,
         expires_at: float = math.inf,
+        whole: bool = False,
+        source: Hub | None = None,
     ) -> None:
         self.user = user
         self.address = address
@@ -122,7 +193,17 @@ class Subscriber:
         #: monotonic time at which the token ends the stream
         self.expires_at = expires_at
         self.expired = False
-        self.badges: bytes | None = None
+        #: whole states only (``?events=full``)
+        self.whole = whole
+        #: the next event is the whole state, encoded when it is sent
+        self.full = False
+        #: changes not sent yet, oldest first
+        self.changes: list[Change] | None = None
+        #: where whole states and merged changes are encoded
+        self.source = source
+        #: writes bytes to the client at once if its connection takes them (returns whether it
+        #: did); set by the stream once its first event is out
+        self.direct: Callable[[bytes], bool] | None = None
         self.status: bytes | None = None
         self.heartbeat = False
         self.closed = False
@@ -165,17 +246,105 @@ class Subscriber:
         self.expired = True
         self.notify()
 
+    def _now(self, data: bytes) -> bool:
+        """Write ``data`` at once, when nothing is waiting before it and the connection takes
+        it; whether it did."""
+        direct = self.direct
+        if (
+            direct is None
+            or self.send_deadline
+            or self.full
+            or self.changes is not None
+            or self.status is not None
+            or self.expired
+            or not direct(data)
+        ):
+            return False
+        self.last_sent = time.monotonic()
+        self.heartbeat = False
+        return True
+
+    def beat(self) -> None:
+        """Nothing was written for a while: a heartbeat."""
+        if not self._now(HEARTBEAT):
+            self.heartbeat = True
+            self.notify()
+
+    def push_status(self, event: bytes) -> None:
+        if not self._now(event):
+            self.status = event
+            self.notify()
+
+    def push_full(self) -> None:
+        """The user's state changed in a way only the whole state can tell."""
+        source = self.source
+        if (
+            self.direct is not None
+            and source is not None
+            and self._now(source.whole_event(self.user))
+        ):
+            source.stats.events_sent += 1
+            return
+        self.full = True
+        self.changes = None
+        self.notify()
+
+    def push(self, change: Change) -> None:
+        """The user's state changed by ``change`` (after everything pushed before)."""
+        if self.full or self.whole:
+            # the whole state, encoded when it is sent, will include it
+            self.push_full()
+            return
+        pending = self.changes
+        if pending is None:
+            if self._now(change.event):
+                assert self.source is not None
+                self.source.stats.events_sent += 1
+                return
+            self.changes = [change]
+        else:
+            pending.append(change)
+            if len(pending) > MAX_PENDING:
+                # A stream that does not keep up: merge now, so that it holds at most what
+                # the whole state would.
+                merged = self._merged(pending)
+                if merged is None:
+                    self.push_full()
+                    return
+                self.changes = [merged]
+        self.notify()
+
+    def _merged(self, pending: list[Change]) -> Change | None:
+        assert self.source is not None
+        return merge_changes(pending, self.source.state)
+
     def take(self) -> bytes | None:
         """What to write next: pending events, else a due heartbeat, else nothing."""
         if self.expired:
             # Nothing pending is lost: the client gets the whole state when it reconnects.
             self.expired = self.heartbeat = False
             self.closed = True
-            self.badges = self.status = None
+            self.full, self.changes, self.status = False, None, None
             return REAUTHENTICATE
-        status, badges = self.status, self.badges
+        status = self.status
+        badges: bytes | None = None
+        if self.full:
+            self.full, self.changes = False, None
+            assert self.source is not None
+            badges = self.source.whole_event(self.user)
+        elif self.changes is not None:
+            pending, self.changes = self.changes, None
+            if len(pending) == 1:
+                badges = pending[0].event
+            else:
+                merged = self._merged(pending)
+                if merged is None:
+                    assert self.source is not None
+                    badges = self.source.whole_event(self.user)
+                else:
+                    badges = merged.event
         if badges is not None:
-            self.status = self.badges = None
+            self.status = None
             self.heartbeat = False
             return badges if status is None else status + badges
         if status is not None:
@@ -225,8 +394,7 @@ class HeartbeatWheel:
                 if not sub.closed:
                     sub.expire()
             elif sub.last_sent <= quiet_since:
-                sub.heartbeat = True
-                sub.notify()
+                sub.beat()
 
 
 @dataclass
@@ -264,6 +432,8 @@ class Hub:
         #: users whose last stream closed lately -> when, oldest first
         self._left: dict[str, float] = {}
         self._wheels: dict[float, HeartbeatWheel] = {}
+        #: whole-state events encoded since the last commit, by user
+        self._whole: dict[str, bytes] = {}
         self._count = 0
         self._writing = 0
         self._closed = False
@@ -307,14 +477,23 @@ class Hub:
         address: str | None = None,
         anonymous: bool = False,
         expires: float = math.inf,
+        whole: bool = False,
     ) -> Subscriber:
-        """A new stream for ``user`` (from ``address``), ending at ``expires`` (epoch s)."""
+        """A new stream for ``user`` (from ``address``), ending at ``expires`` (epoch s);
+        ``whole``: it gets whole states only."""
         subs = self._by_user.get(user)
         self._admit(user, subs, address, anonymous)
         if subs is None:
             subs = self._by_user[user] = set()
         expires_at = time.monotonic() + (expires - time.time()) if expires < math.inf else expires
-        sub = Subscriber(user, address=address, anonymous=anonymous, expires_at=expires_at)
+        sub = Subscriber(
+            user,
+            address=address,
+            anonymous=anonymous,
+            expires_at=expires_at,
+            whole=whole,
+            source=self,
+        )
         subs.add(sub)
         self._count += 1
         if address is not None:
@@ -409,30 +588,53 @@ class Hub:
         self.stats.streams_closed += 1
 
     def current_event(self, user: str) -> bytes:
-        return encode_badges_event(user, self.state)
+        """The user's whole state now (the first event of a stream)."""
+        return self.whole_event(user)
 
-    def publish(self, lsn: int, users: set[str]) -> None:
-        """After a commit: give every stream of each changed user the user's new state."""
+    def whole_event(self, user: str) -> bytes:
+        """The user's whole state as a ``badges`` event, encoded once per commit."""
+        event = self._whole.get(user)
+        if event is None:
+            event = self._whole[user] = encode_badges_event(user, self.state)
+        return event
+
+    def publish(self, lsn: int, changes: Changes) -> None:
+        """After a commit: hand every stream of each changed user what changed.
+
+        A commit's changes (a dict) are walked when fewer than the connected users; others
+        (a fresh snapshot's differences) are only asked about connected users."""
+        self._whole.clear()
         by_user = self._by_user
-        if len(users) > len(by_user):
-            targets = [u for u in by_user if u in users]
+        if type(changes) is dict and len(changes) <= len(by_user):
+            targets = [u for u in changes if u in by_user]
         else:
-            targets = [u for u in users if u in by_user]
+            targets = [u for u in by_user if u in changes]
         state = self.state
+        stats = self.stats
         for user in targets:
-            event = encode_badges_event(user, state)
-            self.stats.events_published += 1
-            for sub in by_user[user]:
-                sub.badges = event
-                sub.notify()
+            subs = by_user[user]
+            moved = changes[user]
+            change = None
+            if moved is not None:
+                totals, pairs = state.summary(user)
+                if sum(len(m) for m in moved) <= pairs:
+                    payload = change_payload(user, lsn, moved, totals, state)
+                    event = encode_event("badges-change", payload)
+                    change = Change(user, lsn, moved, totals, pairs, event)
+            stats.events_published += 1
+            if change is None:
+                for sub in subs:
+                    sub.push_full()
+            else:
+                for sub in subs:
+                    sub.push(change)
 
     def publish_status(self, live: bool, lag_ms: int) -> None:
         """Tell every stream whether counts are live (rare: the stream went down or up)."""
         event = encode_status_event(live, lag_ms)
         for subs in self._by_user.values():
             for sub in subs:
-                sub.status = event
-                sub.notify()
+                sub.push_status(event)
 
     async def run(self) -> None:
         """Turn the heartbeat wheels (and drop streams whose sends overstay) until cancelled."""

@@ -9,12 +9,12 @@ Walsender connections accept only the simple query protocol, so commands carry n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 
 import anyio
-import anyio.lowlevel
 import psycopg
 from psycopg import pq, sql
 
@@ -59,6 +59,138 @@ def _string(value: str) -> str:
     if "\0" in value:
         raise ValueError("a replication option cannot hold a NUL byte")
     return "'" + value.replace("'", "''") + "'"
+
+
+class _Reader:
+    """Reads the copy-both stream in the event loop's reader callback.
+
+    At a thousand changes a second each change arrives alone, and is followed by the
+    keepalive the walsender sends before it sleeps: two wake-ups per change. Reading in the
+    reader callback itself makes a wake-up cost the reading and nothing else; waking a task
+    for it (a future, a task step, and a cancel scope for the status deadline) used to cost
+    more than decoding and applying the change. The streaming task only sends status updates
+    and raises what the reading ran into.
+    """
+
+    def __init__(
+        self,
+        conn: ReplicationConnection,
+        on_xlogdata: Callable[[memoryview, int], None],
+        on_keepalive: Callable[[Keepalive], None],
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self._conn = conn
+        self._on_xlogdata = on_xlogdata
+        self._on_keepalive = on_keepalive
+        self._on_idle = on_idle
+        self._loop = asyncio.get_running_loop()
+        self._fd = conn._pgconn.socket
+        #: the task waits on this; set when it has something to do
+        self._waiter: asyncio.Future[None] | None = None
+        #: what the reading ran into, for the task to raise
+        self.error: BaseException | None = None
+        #: the server asked for a reply
+        self.reply_due = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._loop.add_reader(self._fd, self.on_readable)
+        # libpq may hold messages already, which the socket will not announce
+        self._loop.call_soon(self.on_readable)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, deadline: float) -> None:
+        """Until the task has something to do, or ``deadline`` (``time.monotonic()``)."""
+        if deadline != self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._deadline = deadline
+            self._timer = self._loop.call_later(deadline - time.monotonic(), self._wake)
+        if self.error is not None or self.reply_due:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def on_readable(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._read()
+        except Exception as exc:  # handed to the streaming task, which raises it
+            self.error = exc
+            self._loop.remove_reader(self._fd)
+            self._wake()
+
+    def _read(self) -> None:
+        conn = self._conn
+        pgconn = conn._pgconn
+        get_copy_data = pgconn.get_copy_data
+        unpack_positions = XLOGDATA_POSITIONS.unpack_from
+        on_xlogdata = self._on_xlogdata
+        monotonic = time.monotonic
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            raise ReplicationLost(f"replication stream broke: {exc}") from exc
+        slice_end = monotonic() + _SLICE_S
+        count = 0
+        while True:
+            try:
+                nbytes, data = get_copy_data(1)
+            except psycopg.Error as exc:
+                raise ReplicationLost(f"replication stream broke: {exc}") from exc
+            if nbytes > 0:
+                tag = data[0]
+                if tag == _XLOGDATA:
+                    if nbytes < XLOGDATA_HEADER:
+                        raise ProtocolError(f"XLogData message of {nbytes} bytes is too short")
+                    start, end = unpack_positions(data, 1)
+                    conn.server_wal_end = end
+                    on_xlogdata(data[XLOGDATA_HEADER:], start)
+                elif tag == _KEEPALIVE:
+                    keepalive = parse_keepalive(data)
+                    if keepalive.wal_end > conn.server_wal_end:
+                        conn.server_wal_end = keepalive.wal_end
+                    self._on_keepalive(keepalive)
+                    if keepalive.reply_requested:
+                        self.reply_due = True
+                        self._wake()
+                else:
+                    raise ProtocolError(
+                        f"unknown copy-both message type {tag:#04x} ({chr(tag)!r})"
+                        f" after {format_lsn(conn.server_wal_end)}"
+                    )
+                count += 1
+                if count & 127 == 0 and monotonic() > slice_end:
+                    conn.heard_at = slice_end
+                    if self._on_idle is not None:
+                        self._on_idle()
+                    # Let other callbacks run; what libpq holds is read right after them.
+                    self._loop.call_soon(self.on_readable)
+                    return
+            elif nbytes == 0:
+                # Everything received is applied; more data makes the socket readable.
+                if count:
+                    conn.heard_at = monotonic()
+                    if self._on_idle is not None:
+                        self._on_idle()
+                return
+            else:
+                message = pgconn.error_message.decode(errors="replace").strip()
+                raise ReplicationLost(
+                    f"replication stream ended: {message or 'the server ended the copy'}"
+                )
 
 
 class ReplicationConnection:
@@ -187,90 +319,33 @@ class ReplicationConnection:
         ``on_idle()`` is called whenever what has arrived is handled, before waiting for more
         (and between slices of a long burst): once per batch rather than once per message.
         """
-        pgconn = self._pgconn
-        get_copy_data = pgconn.get_copy_data
-        consume_input = pgconn.consume_input
-        unpack_positions = XLOGDATA_POSITIONS.unpack_from
-        monotonic = time.monotonic
-        fd = pgconn.socket
-        while True:
-            slice_end = monotonic() + _SLICE_S
-            count = 0
-            polled = False
+        reader = _Reader(self, on_xlogdata, on_keepalive, on_idle)
+        try:
             while True:
-                try:
-                    nbytes, data = get_copy_data(1)
-                except psycopg.Error as exc:
-                    raise ReplicationLost(f"replication stream broke: {exc}") from exc
-                if nbytes > 0:
-                    tag = data[0]
-                    if tag == _XLOGDATA:
-                        if nbytes < XLOGDATA_HEADER:
-                            raise ProtocolError(f"XLogData message of {nbytes} bytes is too short")
-                        start, end = unpack_positions(data, 1)
-                        self.server_wal_end = end
-                        on_xlogdata(data[XLOGDATA_HEADER:], start)
-                    elif tag == _KEEPALIVE:
-                        keepalive = parse_keepalive(data)
-                        if keepalive.wal_end > self.server_wal_end:
-                            self.server_wal_end = keepalive.wal_end
-                        on_keepalive(keepalive)
-                        if keepalive.reply_requested:
-                            await self.send_status(feedback_lsn())
-                    else:
-                        raise ProtocolError(
-                            f"unknown copy-both message type {tag:#04x} ({chr(tag)!r})"
-                            f" after {format_lsn(self.server_wal_end)}"
-                        )
-                    polled = False
-                    count += 1
-                    if count & 127 == 0 and monotonic() > slice_end:
-                        self.heard_at = slice_end
-                        if on_idle is not None:
-                            on_idle()
-                        break
-                elif nbytes == 0:
-                    if not polled:
-                        # While the server sends faster than we read, the socket holds more
-                        # already: read it without a round trip through the event loop.
-                        polled = True
-                        try:
-                            consume_input()
-                        except psycopg.Error as exc:
-                            raise ReplicationLost(f"replication stream broke: {exc}") from exc
-                        continue
-                    polled = False
-                    if on_idle is not None and count:
-                        on_idle()
-                    now = monotonic()
-                    if count:
-                        self.heard_at, count = now, 0
-                    elif now - self.heard_at > silence_timeout:
-                        raise ReplicationLost(
-                            f"no message from the server in {now - self.heard_at:.0f} s"
-                            " although asked for one; the connection is taken for dead"
-                        )
-                    wait = min(
-                        self.last_status_at + status_interval, self.heard_at + silence_timeout
-                    )
-                    if wait > now:
-                        with anyio.move_on_after(wait - now):
-                            await anyio.wait_readable(fd)
-                    try:
-                        consume_input()
-                    except psycopg.Error as exc:
-                        raise ReplicationLost(f"replication stream broke: {exc}") from exc
-                    if monotonic() - self.last_status_at >= status_interval:
-                        await self.send_status(feedback_lsn(), reply=True)
-                    slice_end = monotonic() + _SLICE_S
-                else:
-                    message = pgconn.error_message.decode(errors="replace").strip()
+                deadline = min(
+                    self.last_status_at + status_interval, self.heard_at + silence_timeout
+                )
+                await reader.wait(deadline)
+                if reader.error is not None:
+                    raise reader.error
+                now = time.monotonic()
+                if now - self.heard_at > silence_timeout:
                     raise ReplicationLost(
-                        f"replication stream ended: {message or 'the server ended the copy'}"
+                        f"no message from the server in {now - self.heard_at:.0f} s"
+                        " although asked for one; the connection is taken for dead"
                     )
-            await anyio.lowlevel.checkpoint()
-            if monotonic() - self.last_status_at >= status_interval:
-                await self.send_status(feedback_lsn(), reply=True)
+                asked = reader.reply_due
+                if asked or now - self.last_status_at >= status_interval:
+                    reader.reply_due = False
+                    # what arrived is applied first (and a quiet stream counts as read)
+                    reader.on_readable()
+                    if reader.error is not None:
+                        raise reader.error
+                    # our own periodic update asks for a keepalive back: an idle server
+                    # then still says something every status_interval
+                    await self.send_status(feedback_lsn(), reply=not asked)
+        finally:
+            reader.close()
 
     async def send_status(self, lsn: int, *, reply: bool = False) -> None:
         """Confirm ``lsn`` as written, flushed and applied; ``reply`` asks for a keepalive."""

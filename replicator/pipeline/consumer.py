@@ -18,7 +18,7 @@ from replicator.badges import spec as badge_spec
 from replicator.badges.applier import Applier
 from replicator.badges.catalog import bind_async, describe_async, empty_relations
 from replicator.badges.spec import Badge, BadgeSpec
-from replicator.badges.state import BadgeState
+from replicator.badges.state import BadgeState, Changes
 from replicator.badges.tables import TableMap, check_names, qualified
 from replicator.badges.tables import changes as table_changes
 from replicator.config.settings import DECODERS
@@ -108,7 +108,7 @@ class ConsumerOptions:
 class Consumer:
     """Keeps a ``BadgeState`` equal to the database as of the last applied commit.
 
-    ``on_commit(lsn, users)`` is called after each transaction that changed users' counts,
+    ``on_commit(lsn, changes)`` is called after each transaction that changed users' counts,
     and after a fresh snapshot replaced the state; ``on_live(live)`` when streaming starts
     or stops.
     """
@@ -117,7 +117,7 @@ class Consumer:
         self,
         options: ConsumerOptions,
         *,
-        on_commit: Callable[[int, set[str]], None] | None = None,
+        on_commit: Callable[[int, Changes], None] | None = None,
         on_live: Callable[[bool], None] | None = None,
     ) -> None:
         if options.decoder not in DECODERS:
@@ -432,7 +432,7 @@ class Consumer:
         logger.info(
             "snapshot at %s: %d users, %d (user, counterpart) counts in %.3f s",
             format_lsn(consistent_point),
-            len(state.users),
+            len(state),
             rows,
             self.snapshot_seconds,
         )
@@ -508,12 +508,7 @@ class Consumer:
     def _replace_state(
         self, state: BadgeState, lsn: int, badges: Sequence[Badge], tables: TableMap
     ) -> None:
-        old = self.state
-        changed = {
-            u
-            for u in old.users.keys() | state.users.keys()
-            if list(old.view(u)) != list(state.view(u))
-        }
+        changed = self.state.differences(state)
         self._use_state(state, lsn, badges, tables)
         if changed and self._on_commit is not None:
             self._on_commit(lsn, changed)
@@ -674,6 +669,6 @@ async def log_progress(consumer: Consumer, interval: float = 5.0) -> None:
             rows,
             consumer.feed.transactions,
             rate,
-            len(consumer.state.users),
+            len(consumer.state),
             consumer.lag_bytes(),
         )

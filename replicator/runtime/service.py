@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from replicator.badges import spec as badge_spec
 from replicator.config.settings import (
@@ -38,6 +39,7 @@ from replicator.runtime.redact import RedactTokens
 from replicator.web.app import BadgeApp
 from replicator.web.auth import mint_token, verifier_for
 from replicator.web.cors import CorsPolicy
+from replicator.web.stream import KeepServerSend
 from replicator.web.tickets import Tickets
 
 logger = logging.getLogger(__name__)
@@ -163,8 +165,8 @@ class Service:
         self._gc_frozen = False
 
     @property
-    def app(self) -> Starlette:
-        return self.web.app
+    def app(self) -> ASGIApp:
+        return KeepServerSend(self.web.app)
 
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0

@@ -20,7 +20,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from replicator.errors import BadRequest, ProtocolError, ReplicatorError
-from replicator.fanout.hub import Hub, LimitExceeded, badges_payload, encode_status_event
+from replicator.fanout.hub import (
+    EVENT_MODES,
+    Hub,
+    LimitExceeded,
+    badges_payload,
+    encode_status_event,
+)
 from replicator.ops.demo import CONTACTS
 from replicator.pg.lsn import format_lsn, parse_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
@@ -243,6 +249,14 @@ class BadgeApp:
         return await self.verifier.verify(token_from(request, self.cors))
 
     async def stream(self, request: Request, identity: Identity) -> Response:
+        events = request.query_params.get("events", "changes")
+        if events not in EVENT_MODES:
+            return error(
+                400,
+                "bad_request",
+                f"events={events[:50]!r} is not known; use events=full for whole states only,"
+                " or leave it out for changes",
+            )
         refused = await self._reach(request)
         if refused is not None:
             return refused
@@ -252,6 +266,7 @@ class BadgeApp:
                 address=client_address(request),
                 anonymous=identity.anonymous,
                 expires=identity.expires,
+                whole=events == "full",
             )
         except LimitExceeded as exc:
             return error(
@@ -354,7 +369,7 @@ class BadgeApp:
                 name: held if by else held.get("", 0)
                 for name, by, held in zip(names, grouped, counts, strict=True)
             }
-            for user, counts in state.users.items()
+            for user, counts in state.items()
         }
         body = {
             "lsn": format_lsn(state.lsn),

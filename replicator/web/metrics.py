@@ -69,7 +69,7 @@ class ReplicatorCollector(Collector):
             c.snapshot_seconds,
         )
         yield GaugeMetricFamily(
-            "replicator_users_with_badges", "users with at least one badge", len(c.state.users)
+            "replicator_users_with_badges", "users with at least one badge", len(c.state)
         )
         yield CounterMetricFamily(
             "replicator_events_sent", "SSE events written to clients", h.stats.events_sent

@@ -6,17 +6,24 @@ client to hang up; no task group, cancel scope, lock or timer per stream. The hu
 heartbeat wheel flags heartbeats, drops a stream whose send has overstayed ``send_timeout``
 (the client stopped reading), and ends one whose token has expired, each the next time it
 looks at the stream, which is at most a sixteenth of the heartbeat interval later.
+
+What a write costs is paid for every event and every heartbeat of every stream, so under
+uvicorn's h11 protocol (the one the service runs) a stream writes its chunks to the
+connection itself once the response has started, as h11 would frame them, rather than
+through every ASGI layer and h11's state machine; the start and the end of the response
+still go through ASGI, and under any other server every write does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from replicator.fanout.hub import HEARTBEAT, REAUTHENTICATE, Hub, Subscriber
 from replicator.web.headers import DATA_HEADERS
@@ -35,6 +42,55 @@ RAW_HEADERS = [
 ]
 START: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": RAW_HEADERS}
 END: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+#: the scope key under which ``KeepServerSend`` keeps the server's own ``send``
+SERVER_SEND = "replicator.server_send"
+Writer = Callable[[bytes], Awaitable[None]]
+
+
+class KeepServerSend:
+    """The outermost ASGI layer: keeps the server's ``send`` in the scope for ``body_writer``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def body_writer(scope: Scope, send: Send) -> tuple[Writer, Callable[[bytes], bool] | None]:
+    """Writers of one chunk of a started ``Transfer-Encoding: chunked`` response: one that
+    waits while the client is slow, and (under uvicorn's h11) one that writes only when the
+    connection takes the bytes at once and says whether it did."""
+    cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
+    if (
+        scope.get("http_version") == "1.1"
+        and type(cycle).__module__ == "uvicorn.protocols.http.h11_impl"
+        and all(hasattr(cycle, name) for name in ("transport", "flow", "disconnected"))
+    ):
+        transport, flow = cycle.transport, cycle.flow  # type: ignore[union-attr]
+
+        async def direct(data: bytes) -> None:
+            # what uvicorn does for a body message, without h11's bookkeeping
+            if flow.write_paused and not cycle.disconnected:  # type: ignore[union-attr]
+                await flow.drain()
+            if not cycle.disconnected:  # type: ignore[union-attr]
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+        def now(data: bytes) -> bool:
+            if flow.write_paused or cycle.disconnected:  # type: ignore[union-attr]
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return True
+
+        return direct, now
+
+    async def through_asgi(data: bytes) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    return through_asgi, None
 
 
 async def until_disconnect(receive: Receive) -> None:
@@ -83,7 +139,11 @@ class BadgeStreamResponse(Response):
                 sub.task = asyncio.current_task()
                 hub.beat(sub, self._heartbeat)
                 await send(START)
-                await self._stream(send)
+                try:
+                    await self._stream(*body_writer(scope, send))
+                finally:
+                    sub.direct = None
+                await send(END)
             finally:
                 listener.cancel()
         except asyncio.CancelledError:
@@ -98,16 +158,18 @@ class BadgeStreamResponse(Response):
         finally:
             hub.unsubscribe(sub)
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, write: Writer, at_once: Callable[[bytes], bool] | None) -> None:
         sub, stats, timeout = self._sub, self._hub.stats, self._send_timeout
         first, self._first = RETRY + self._first, b""
         hub = self._hub
         hub.writing(sub, monotonic() + timeout)
         # Not counted as the stream's last write: its first heartbeat keeps the random
         # phase the wheel gave it.
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        await write(first)
         hub.written(sub)
         stats.events_sent += 1
+        # From now on the hub writes what it can at once, and this task what had to wait.
+        sub.direct = at_once
         while True:
             data = sub.take()
             if data is None:
@@ -117,11 +179,10 @@ class BadgeStreamResponse(Response):
                 continue
             now = monotonic()
             hub.writing(sub, now + timeout)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            await write(data)
             hub.written(sub)
             sub.last_sent = now
             if data is not HEARTBEAT:
                 stats.events_sent += 1
                 if data is REAUTHENTICATE:
                     break
-        await send(END)

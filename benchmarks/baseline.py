@@ -1,0 +1,74 @@
+"""An earlier commit of this repository, installed in a virtualenv of its own, for benchmarks
+that measure this version and that one in the same run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: earlier versions, each installed in a virtualenv of its own
+BASELINES = HERE / ".baselines"
+#: the default baseline: the commit where this branch left main
+DEFAULT_BASELINE = "merge-base"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=HERE.parent, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def head() -> str:
+    """This version: the short commit id, marked when the tree has uncommitted changes."""
+    sha = git("rev-parse", "--short", "HEAD")
+    return sha + ("+changes" if git("status", "--porcelain", "--", "replicator") else "")
+
+
+def baseline_python(ref: str) -> tuple[Path, str]:
+    """The Python of a virtualenv holding ``ref`` of this repository, installed (once) from
+    a clean export of that commit, as a user would install it. ``merge-base``: where this
+    branch left main."""
+    if ref == DEFAULT_BASELINE:
+        ref = git("merge-base", "HEAD", "main")
+    sha = git("rev-parse", "--short", ref)
+    home = BASELINES / sha
+    python = home / "venv" / "bin" / "python"
+    if python.exists():
+        return python, sha
+    log(f"installing baseline {ref} ({sha}) in {home}")
+    shutil.rmtree(home, ignore_errors=True)
+    source = home / "src"
+    source.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", sha], cwd=HERE.parent, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)], check=True)
+    return python, sha
+
+
+def load_average() -> tuple[float, float, float]:
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def wait_for_quiet(limit: float, timeout: float) -> tuple[float, float, float]:
+    """Wait (at most ``timeout`` s) until the 1-minute load average is below ``limit``, since
+    other work on the machine would be billed to nobody but would slow everything down;
+    return the load averages when the run starts."""
+    deadline = time.monotonic() + timeout
+    load = load_average()
+    while load[0] >= limit and time.monotonic() < deadline:
+        log(f"load average {load[0]:.2f} >= {limit}: waiting for a quieter moment")
+        time.sleep(15)
+        load = load_average()
+    return load
