@@ -23,6 +23,10 @@ receiving side of each write to the sender, so the service's CPU includes some o
 
 Writes ``benchmarks/results/fanout.json`` (one record per N) and ``fanout.png``
 (``fanout-quick.*`` with ``--quick``).
+
+``--url http://host:port --dsn ... --secret ...`` measures a deployment someone already runs
+(one instance of it, through its load balancer or not) instead of a service this script starts:
+the same phases less the storm and the baseline, CPU and memory read from its ``/metrics``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,6 +144,7 @@ class Service:
                 self.process.kill()
                 raise SystemExit("service did not start:\n" + self.log_tail())
             time.sleep(0.02)
+        self.host = "127.0.0.1"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
@@ -195,14 +201,85 @@ class Service:
         return time.monotonic() - started
 
 
-def warm_up(port: int, count: int = 20) -> None:
+class Deployment:
+    """A service someone else runs (``--url``): what the benchmark reads of it comes from its
+    ``/metrics`` (the process collector's CPU seconds and resident memory), not from /proc."""
+
+    def __init__(
+        self, url: str, dsn: str, metrics_url: str | None, metrics_token: str | None
+    ) -> None:
+        self.dsn = dsn
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SystemExit(f"--url {url!r}: give http://host:port of one instance")
+        self.url = url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.pid = None
+        self.profile = None
+        self.logfile = None
+        self._metrics = (metrics_url or self.url).rstrip("/") + "/metrics"
+        self._token = metrics_token
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"{self.url}/readyz did not answer 200 within {timeout:g} s")
+        # and has applied what the benchmark just wrote, so that no phase measures its apply
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            wrote = conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()
+        assert wrote is not None
+        while self.metric("replicator_applied_lsn") < float(wrote[0]):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.url} did not apply up to the database's LSN in time")
+            time.sleep(0.5)
+
+    def metric(self, name: str) -> float:
+        request = urllib.request.Request(self._metrics)
+        if self._token:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            raise SystemExit(
+                f"cannot read {self._metrics} ({exc}); with REPLICATOR_ADMIN_ADDRESS give"
+                " --metrics-url, with REPLICATOR_METRICS_TOKEN --metrics-token"
+            ) from None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def rss_kb(self) -> int:
+        return int(self.metric("process_resident_memory_bytes") // 1024)
+
+    def cpu_s(self) -> float:
+        return self.metric("process_cpu_seconds_total")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return ""
+
+    def stop(self, timeout: float = 30) -> float:
+        return 0.0  # not ours to stop
+
+
+def warm_up(port: int, count: int = 20, host: str = "127.0.0.1") -> None:
     """Open and close a few streams, so that one-time allocations are not counted per stream."""
     socks = []
     for i in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock = socket.create_connection((host, port), timeout=10)
         token = mint_token(SECRET, user_id(0xFFFF_0000 + i))
         sock.sendall(
-            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         socks.append(sock)
@@ -217,13 +294,15 @@ def warm_up(port: int, count: int = 20) -> None:
 class LoadProcess:
     """One ``fanout_load.py`` holding up to ``count`` streams for users first..first+count-1."""
 
-    def __init__(self, port: int, first: int, count: int) -> None:
+    def __init__(self, port: int, first: int, count: int, host: str = "127.0.0.1") -> None:
         self.first = first
         self.count = count
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 str(HERE / "fanout_load.py"),
+                "--host",
+                host,
                 "--port",
                 str(port),
                 "--first",
@@ -395,6 +474,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="replicator-fanout-"))
     workdir.chmod(0o755)
     results: dict[str, Any] = {}
+    if args.url:
+        # someone's own deployment: its database and one of its instances, as they are
+        try:
+            seed_wide(args.dsn, args.wide)
+            results["deployment"] = args.url
+            results["ours"] = run_version(args, args.dsn, workdir, "deployment", "", clients)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            remove_rows(args.dsn)
+        return results
     versions = [("ours", sys.executable, clients)]
     if args.baseline != "none":
         python, sha = baseline_python(args.baseline)
@@ -434,14 +523,18 @@ def run_version(
         "REPLICATOR_HEARTBEAT_S": str(args.heartbeat),
         **dict(kv.split("=", 1) for kv in args.service_env),
     }
-    log(f"{label}: starting the service ({python})")
+    log(f"{label}: starting the service ({python})" if not args.url else f"using {args.url}")
     try:
-        service = Service(
-            dsn, workdir, env, python=python, profile=args.profile if label == "ours" else None
+        service = (
+            Deployment(args.url, dsn, args.metrics_url, args.metrics_token)  # type: ignore[assignment]
+            if args.url
+            else Service(
+                dsn, workdir, env, python=python, profile=args.profile if label == "ours" else None
+            )
         )
         service.wait_ready()
         log(f"{label}: service pid {service.pid} on {service.url}")
-        warm_up(service.port)
+        warm_up(service.port, host=service.host)
         # with no stream open, so that the heartbeats of many streams add no noise
         found["wide"] = [wide_phase(args, dsn, service, counterparts) for counterparts in args.wide]
         found["instance"] = instance = instance_phase(args, dsn, service, most)
@@ -450,8 +543,8 @@ def run_version(
         log(f"{label}: service RSS with no stream: {rss0} kB")
         per_load = -(-most // args.load_procs)
         loads = [
-            LoadProcess(service.port, i * per_load, min(per_load, most - i * per_load))
-            for i in range(args.load_procs)
+            LoadProcess(service.port, first, min(per_load, most - first), service.host)
+            for first in range(0, most, per_load)
         ]
         for n in clients:
             found["streams"].append(phase(args, dsn, service, loads, n, rss0, workdir))
@@ -474,19 +567,20 @@ def run_version(
             finally:
                 for sock in stalled:
                     sock.close()
-        if args.storm:
+        if args.storm and not args.url:
             found["storm"], service = storm_phase(
                 args, dsn, service, loads, most, workdir, env, python
             )
         took = service.stop()
-        log(f"{label}: service with {most} streams stopped in {took:.2f} s")
+        if not args.url:
+            log(f"{label}: service with {most} streams stopped in {took:.2f} s")
         found["shutdown_s_at_max"] = round(took, 2)
     finally:
         for load in loads:
             load.stop()
         if service is not None:
             service.stop()
-            if args.service_log is not None:
+            if args.service_log is not None and service.logfile is not None:
                 shutil.copyfile(service.logfile, args.service_log.with_suffix(f".{label}.log"))
     return found
 
@@ -527,6 +621,15 @@ def wide_sender(i: int) -> str:
     return f"20000000-0000-4000-8000-{i:012x}"
 
 
+def remove_rows(dsn: str) -> None:
+    """Delete what the benchmark wrote: every recipient it uses has the ``user_id`` prefix."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(
+            "DELETE FROM messages WHERE recipient_id::text LIKE '00000000-0000-4000-8000-%'"
+        )
+        log(f"removed the {cur.rowcount} messages the benchmark wrote")
+
+
 def seed_wide(dsn: str, sizes: list[int]) -> None:
     """One user per size with that many senders of one unread message each."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -542,10 +645,10 @@ def seed_wide(dsn: str, sizes: list[int]) -> None:
 class StreamReader:
     """One stream on a raw socket, read in a thread: bytes and count of each event."""
 
-    def __init__(self, port: int, user: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    def __init__(self, port: int, user: str, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=30)
         self.sock.sendall(
-            f"GET /v1/badges/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Authorization: Bearer {mint_token(SECRET, user, ttl=3600)}\r\n\r\n".encode()
         )
         self.sizes: list[int] = []
@@ -590,7 +693,7 @@ def wide_phase(
     """Changes to a user with ``counterparts`` senders and one open stream: the bytes of each
     event, and what a change costs."""
     user = wide_user(counterparts)
-    reader = StreamReader(service.port, user)
+    reader = StreamReader(service.port, user, service.host)
     deadline = time.monotonic() + 60
     while not reader.kinds and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -728,11 +831,11 @@ def open_stalled(service: Service, dsn: str, count: int) -> tuple[list[socket.so
     for i in range(count):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", service.port))
+        sock.connect((service.host, service.port))
         token = mint_token(SECRET, user_id(i % STALLED_USERS), ttl=6 * 3600)
         # whole states (a version without changes ignores the parameter): ~20 kB per event
         sock.sendall(
-            f"GET /v1/badges/stream?events=full HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
+            f"GET /v1/badges/stream?events=full HTTP/1.1\r\nHost: {service.host}:{service.port}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         socks.append(sock)
@@ -1069,11 +1172,35 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="run the service under cProfile, its stats written here"
     )
+    parser.add_argument(
+        "--url",
+        help="measure a running deployment instead: http://host:port of one instance (then"
+        " --dsn and --secret are needed; the storm and the baseline are skipped). It writes"
+        " messages to recipients 00000000-0000-4000-8000-* and deletes them at the end: use a"
+        " staging database with the default schema",
+    )
+    parser.add_argument("--dsn", help="with --url: the deployment's database (its primary)")
+    parser.add_argument(
+        "--secret",
+        help="with --url: an HS256 secret the deployment accepts (REPLICATOR_JWT_SECRET), to"
+        " sign the load's user tokens",
+    )
+    parser.add_argument(
+        "--metrics-url", help="with --url: the admin listener's URL, if /metrics is there"
+    )
+    parser.add_argument("--metrics-token", help="with --url: REPLICATOR_METRICS_TOKEN")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     parser.add_argument(
         "--quick", action="store_true", help="100 and 1000 streams, short phases (a smoke run)"
     )
     args = parser.parse_args()
+    if args.url:
+        if not args.dsn or not args.secret:
+            parser.error("--url needs --dsn (the database) and --secret (to sign user tokens)")
+        global SECRET
+        SECRET = args.secret
+        os.environ["FANOUT_JWT_SECRET"] = args.secret
+        args.baseline = "none"
     if args.quick:
         args.clients = [100, 1000]
         args.duration = min(args.duration, 5)
@@ -1094,11 +1221,15 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     # A smoke run never replaces the full results.
-    stem = "fanout-quick" if args.quick else "fanout"
+    stem = ("fanout-deployment" if args.url else "fanout") + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = (
-        f"replicator fan-out, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" heartbeat {args.heartbeat:g} s; this version {results['version']}"
+        f"replicator fan-out, {os.cpu_count()} cores, Python {platform.python_version()}"
+        + (
+            f"; the deployment at {args.url}"
+            if args.url
+            else f", heartbeat {args.heartbeat:g} s; this version {results['version']}"
+        )
         + (f", baseline {results['baseline_commit']}" if "baseline_commit" in results else "")
     )
     plot(results, args.out / f"{stem}.png", title)
