@@ -76,6 +76,8 @@ from replicator.web.auth import mint_token  # noqa: E402
 
 RESULTS = HERE / "results"
 SECRET = "fanout-benchmark-secret-0123456789abcdef"
+#: the audience of the users' tokens (``--audience``)
+AUDIENCE = "authenticated"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LISTEN = re.compile(r"listening on http://[\d.]+:(\d+)")
 PG_SETTINGS = {
@@ -277,7 +279,7 @@ def warm_up(port: int, count: int = 20, host: str = "127.0.0.1") -> None:
     socks = []
     for i in range(count):
         sock = socket.create_connection((host, port), timeout=10)
-        token = mint_token(SECRET, user_id(0xFFFF_0000 + i))
+        token = mint_token(SECRET, user_id(0xFFFF_0000 + i), audience=AUDIENCE)
         sock.sendall(
             f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n".encode()
@@ -647,9 +649,10 @@ class StreamReader:
 
     def __init__(self, port: int, user: str, host: str = "127.0.0.1") -> None:
         self.sock = socket.create_connection((host, port), timeout=30)
+        token = mint_token(SECRET, user, ttl=3600, audience=AUDIENCE)
         self.sock.sendall(
             f"GET /v1/badges/stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {mint_token(SECRET, user, ttl=3600)}\r\n\r\n".encode()
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         self.sizes: list[int] = []
         self.kinds: list[str] = []
@@ -832,7 +835,7 @@ def open_stalled(service: Service, dsn: str, count: int) -> tuple[list[socket.so
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect((service.host, service.port))
-        token = mint_token(SECRET, user_id(i % STALLED_USERS), ttl=6 * 3600)
+        token = mint_token(SECRET, user_id(i % STALLED_USERS), ttl=6 * 3600, audience=AUDIENCE)
         # whole states (a version without changes ignores the parameter): ~20 kB per event
         sock.sendall(
             f"GET /v1/badges/stream?events=full HTTP/1.1\r\nHost: {service.host}:{service.port}\r\n"
@@ -1186,6 +1189,11 @@ def main() -> None:
         " sign the load's user tokens",
     )
     parser.add_argument(
+        "--audience",
+        default="authenticated",
+        help="with --url: the audience its tokens must name (REPLICATOR_JWT_AUDIENCE)",
+    )
+    parser.add_argument(
         "--metrics-url", help="with --url: the admin listener's URL, if /metrics is there"
     )
     parser.add_argument("--metrics-token", help="with --url: REPLICATOR_METRICS_TOKEN")
@@ -1197,9 +1205,10 @@ def main() -> None:
     if args.url:
         if not args.dsn or not args.secret:
             parser.error("--url needs --dsn (the database) and --secret (to sign user tokens)")
-        global SECRET
-        SECRET = args.secret
+        global SECRET, AUDIENCE
+        SECRET, AUDIENCE = args.secret, args.audience
         os.environ["FANOUT_JWT_SECRET"] = args.secret
+        os.environ["FANOUT_JWT_AUDIENCE"] = args.audience
         args.baseline = "none"
     if args.quick:
         args.clients = [100, 1000]

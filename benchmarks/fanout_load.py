@@ -40,6 +40,8 @@ CONNECT_TIMEOUT_S = 30.0
 IN_FLIGHT = 200
 #: RST on close: tens of thousands of client sockets in TIME_WAIT would exhaust the ports
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: the audience the service wants in tokens (the parent's ``--audience``)
+AUDIENCE = os.environ.get("FANOUT_JWT_AUDIENCE", "authenticated")
 
 
 def user_id(index: int) -> str:
@@ -226,7 +228,7 @@ class Load:
         self.count_open = 0
 
     def _request(self, index: int) -> bytes:
-        token = mint_token(self.secret, user_id(index), ttl=6 * 3600)
+        token = mint_token(self.secret, user_id(index), ttl=6 * 3600, audience=AUDIENCE)
         return (
             f"GET /v1/badges/stream HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
@@ -283,7 +285,7 @@ class Load:
     async def _come_back(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.0
-        token = mint_token(self.secret, user_id(index), ttl=6 * 3600)
+        token = mint_token(self.secret, user_id(index), ttl=6 * 3600, audience=AUDIENCE)
         attempts = self.recorder.attempts.setdefault(index, [])
         while True:
             delay = MIN_DELAY_S if not delay else min(delay * 2, MAX_DELAY_S)

@@ -104,10 +104,26 @@ def fill(dsn: str, users: int) -> int:
 
 
 def bare_aggregates(dsn: str) -> list[str]:
-    """The badge queries as the snapshot runs them, as plain SQL text."""
+    """The badge queries as the snapshot runs them, as plain SQL text (the badges of
+    ``REPLICATOR_BADGES`` and ``REPLICATOR_SCHEMA`` when set, as the service reads them)."""
+    path = os.environ.get("REPLICATOR_BADGES")
+    specs = badge_spec.load(
+        Path(path) if path else None, schema=os.environ.get("REPLICATOR_SCHEMA", "public")
+    )
     with psycopg.connect(dsn) as conn:
-        badges = bind_sync(conn, badge_spec.load(None))
+        badges = bind_sync(conn, specs)
         return [queries.counts(b, as_text=False).as_string(conn) for b in badges]
+
+
+def database_size(dsn: str, aggregates: list[str]) -> tuple[int, int]:
+    """The users with a badge and the (user, counterpart) counts the state would hold."""
+    rows = " UNION ALL ".join(
+        f"SELECT u::text FROM ({a}) AS q{i}(u)" for i, a in enumerate(aggregates)
+    )
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(f"SELECT count(DISTINCT u), count(*) FROM ({rows}) r".encode())
+        users, pairs = found.fetchone()  # type: ignore[misc]
+    return int(users), int(pairs)
 
 
 def run_psql(bindir: Path, dsn: str, aggregates: list[str]) -> float:
@@ -253,6 +269,92 @@ def empty_rss(cluster: PostgresCluster, versions: dict[str, Path], settle: float
     return found
 
 
+def measure_database(
+    dsn: str, bindir: Path, empty: dict[str, int], repeat: int, settle: float
+) -> dict[str, Any]:
+    """Start-up on someone's own database, as it is: nothing is written but the service's own
+    slot (``startup_<id>``, dropped when it stops)."""
+    aggregates = bare_aggregates(dsn)
+    users, pairs = database_size(dsn, aggregates)
+    log(f"the database: {users:,} users with a badge, {pairs:,} (user, counterpart) counts")
+    seconds: dict[str, list[float]] = {"psql": [], "ours": []}
+    rss: dict[str, list[int]] = {"ours": []}
+    for i in range(repeat):
+        seconds["psql"].append(run_psql(bindir, dsn, aggregates))
+        ready, kb, _ = run_service(Path(sys.executable), dsn, settle)
+        seconds["ours"].append(ready)
+        rss["ours"].append(kb)
+        log(
+            f"run {i + 1}/{repeat}: psql {seconds['psql'][-1]:.2f} s, ours {ready:.2f} s"
+            f" ({kb / 1024:.0f} MB)"
+        )
+    record = {
+        "users": users,
+        "pairs": pairs,
+        "median_seconds": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
+        "median_rss_kb": {k: statistics.median(v) for k, v in rss.items()},
+        "seconds": {k: [round(s, 3) for s in v] for k, v in seconds.items()},
+        "rss_kb": rss,
+    }
+    derive(record, empty)
+    return record
+
+
+def plot_database(record: dict[str, Any], path: Path, title: str) -> None:
+    """The database's start-up and memory against this repository's own sizes (its
+    ``snapshot.json``), so that a team sees where it stands and what to expect as it grows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = RESULTS / "snapshot.json"
+    sizes = json.loads(reference.read_text())["sizes"] if reference.exists() else []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if sizes:
+        pairs = [r["pairs"] for r in sizes]
+        left.plot(pairs, [r["median_seconds"]["ours"] for r in sizes], "o-", label="reference")
+        left.plot(
+            pairs, [r["median_seconds"]["psql"] for r in sizes], "k--", label="psql, reference"
+        )
+        right.plot(pairs, [r["rss_bytes_per_pair"]["ours"] for r in sizes], "o-", label="reference")
+    left.plot(
+        [record["pairs"]],
+        [record["median_seconds"]["ours"]],
+        "r*",
+        markersize=14,
+        label="your database",
+    )
+    left.plot(
+        [record["pairs"]],
+        [record["median_seconds"]["psql"]],
+        "kx",
+        markersize=10,
+        label="psql, your database",
+    )
+    right.plot(
+        [record["pairs"]],
+        [record["rss_bytes_per_pair"]["ours"]],
+        "r*",
+        markersize=14,
+        label="your database",
+    )
+    for axis, label in (
+        (left, "seconds from process start to /readyz 200"),
+        (right, "RSS per (user, counterpart) count, bytes"),
+    ):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("(user, counterpart) counts")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        axis.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def derive(record: dict[str, Any], empty: dict[str, int]) -> None:
     seconds, rss = record["median_seconds"], record["median_rss_kb"]
     record["ready_over_psql"] = {v: round(seconds[v] / seconds["psql"], 2) for v in rss}
@@ -325,7 +427,16 @@ def main() -> None:
     )
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--dsn",
+        help="measure start-up on this database as it is (your own, or a copy of it) instead"
+        " of generated ones; REPLICATOR_BADGES, REPLICATOR_SCHEMA and REPLICATOR_PUBLICATION"
+        " are taken from the environment",
+    )
     args = parser.parse_args()
+    if args.dsn:
+        database_main(args)
+        return
     versions = {"ours": Path(sys.executable)}
     labels = {"ours": f"replicator {head()}"}
     baseline_sha = None
@@ -389,6 +500,55 @@ def main() -> None:
             line += f" {s['baseline']:>8.2f} {per['baseline']:>7.1f}"
         print(line)
     print(f"written to {args.out / 'snapshot.json'} and {args.out / 'snapshot.png'}")
+
+
+def database_main(args: argparse.Namespace) -> None:
+    """``--dsn``: start-up and memory on one given database, and the RSS of an empty one
+    (from a throwaway embedded PostgreSQL) to subtract."""
+    bindirs = system_bindirs()
+    bindir = bindirs[0] if bindirs else embedded_bindir()
+    root = Path(tempfile.mkdtemp(prefix="replicator-bench-snapshot-"))
+    root.chmod(0o755)
+    cluster = PostgresCluster(bindir, root / "pgdata", settings=PG_SETTINGS)
+    try:
+        cluster.start()
+        empty = empty_rss(cluster, {"ours": Path(sys.executable)}, args.settle)
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+    with psycopg.connect(args.dsn) as conn:
+        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+    load = load_average()
+    record = measure_database(args.dsn, bindir, empty, args.repeat, args.settle)
+    report = {
+        "command": "python benchmarks/snapshot.py --dsn ...",
+        "statistic": f"median of {args.repeat} interleaved runs",
+        "postgres": version,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "version": head(),
+        "load_average_before": load,
+        "load_average_after": load_average(),
+        "rss_kb_empty_database": empty,
+        "database": record,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "snapshot-database.json").write_text(json.dumps(report, indent=2) + "\n")
+    title = (
+        f"start-up on your database, PostgreSQL {version}, {os.cpu_count()} CPUs here,"
+        f" Python {platform.python_version()} ({report['statistic']})"
+    )
+    plot_database(record, args.out / "snapshot-database.png", title)
+    s, per = record["median_seconds"], record["rss_bytes_per_pair"]["ours"]
+    state_mb = (record["median_rss_kb"]["ours"] - empty["ours"]) / 1024
+    print()
+    print(
+        f"{record['users']:,} users, {record['pairs']:,} counts: ready in {s['ours']:.2f} s"
+        f" (psql streams the same aggregates in {s['psql']:.2f} s), the counts take"
+        f" {state_mb:.0f} MB ({per:.0f} B per count) over the {empty['ours'] / 1024:.0f} MB"
+        " of an empty service"
+    )
+    print(f"written to {args.out / 'snapshot-database.json'} and .png")
 
 
 if __name__ == "__main__":
