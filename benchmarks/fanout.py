@@ -99,6 +99,22 @@ def user_id(index: int) -> str:
 # -- the service process ------------------------------------------------------------------------
 
 
+def is_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def metric_in(text: str, name: str) -> float:
+    """The value of an unlabelled metric in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
 class Service:
     """``python -m replicator serve`` on a port of its own choosing, its log in a file."""
 
@@ -161,12 +177,8 @@ class Service:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if is_ready(self.url):
+                return
             if self.process.poll() is not None:
                 break
             time.sleep(0.1)
@@ -174,10 +186,7 @@ class Service:
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        raise KeyError(name)
+            return metric_in(response.read().decode(), name)
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -225,16 +234,10 @@ class Deployment:
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+        while not is_ready(self.url):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.url}/readyz did not answer 200 within {timeout:g} s")
             time.sleep(0.5)
-        else:
-            raise SystemExit(f"{self.url}/readyz did not answer 200 within {timeout:g} s")
         # and has applied what the benchmark just wrote, so that no phase measures its apply
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             wrote = conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()
@@ -256,10 +259,7 @@ class Deployment:
                 f"cannot read {self._metrics} ({exc}); with REPLICATOR_ADMIN_ADDRESS give"
                 " --metrics-url, with REPLICATOR_METRICS_TOKEN --metrics-token"
             ) from None
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        return metric_in(text, name)
 
     def rss_kb(self) -> int:
         return int(self.metric("process_resident_memory_bytes") // 1024)

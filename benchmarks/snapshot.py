@@ -31,6 +31,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -221,29 +223,42 @@ def measure(
     started = time.perf_counter()
     pairs = fill(dsn, users)
     log(f"{users:,} users: {pairs:,} pairs written in {time.perf_counter() - started:.1f} s")
+    record = interleaved(
+        cluster.bindir, dsn, versions, repeat, settle, show_progress=users >= 1_000_000
+    )
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
+    return {"users": users, "pairs": pairs, **record}
+
+
+def interleaved(
+    bindir: Path,
+    dsn: str,
+    versions: dict[str, Path],
+    repeat: int,
+    settle: float,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """``repeat`` rounds of psql and each version in turn on one database: their medians."""
     aggregates = bare_aggregates(dsn)
     seconds: dict[str, list[float]] = {"psql": [], **{v: [] for v in versions}}
     rss: dict[str, list[int]] = {v: [] for v in versions}
     for i in range(repeat):
-        seconds["psql"].append(run_psql(cluster.bindir, dsn, aggregates))
+        seconds["psql"].append(run_psql(bindir, dsn, aggregates))
         for version, python in versions.items():
             ready, kb, out = run_service(python, dsn, settle)
             seconds[version].append(ready)
             rss[version].append(kb)
-            if i == 0 and version == "ours" and users >= 1_000_000:
+            if i == 0 and version == "ours" and show_progress:
                 progress = [line for line in out.splitlines() if "snapshot" in line]
                 log("log: " + " | ".join(line.split("INFO")[-1].strip() for line in progress))
         log(
-            f"{users:,} users, run {i + 1}/{repeat}: psql {seconds['psql'][-1]:.2f} s, "
+            f"run {i + 1}/{repeat}: psql {seconds['psql'][-1]:.2f} s, "
             + ", ".join(
                 f"{v} {seconds[v][-1]:.2f} s ({rss[v][-1] / 1024:.0f} MB)" for v in versions
             )
         )
-    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
     return {
-        "users": users,
-        "pairs": pairs,
         "median_seconds": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
         "median_rss_kb": {k: statistics.median(v) for k, v in rss.items()},
         "seconds": {k: [round(s, 3) for s in v] for k, v in seconds.items()},
@@ -274,28 +289,10 @@ def measure_database(
 ) -> dict[str, Any]:
     """Start-up on someone's own database, as it is: nothing is written but the service's own
     slot (``startup_<id>``, dropped when it stops)."""
-    aggregates = bare_aggregates(dsn)
-    users, pairs = database_size(dsn, aggregates)
+    users, pairs = database_size(dsn, bare_aggregates(dsn))
     log(f"the database: {users:,} users with a badge, {pairs:,} (user, counterpart) counts")
-    seconds: dict[str, list[float]] = {"psql": [], "ours": []}
-    rss: dict[str, list[int]] = {"ours": []}
-    for i in range(repeat):
-        seconds["psql"].append(run_psql(bindir, dsn, aggregates))
-        ready, kb, _ = run_service(Path(sys.executable), dsn, settle)
-        seconds["ours"].append(ready)
-        rss["ours"].append(kb)
-        log(
-            f"run {i + 1}/{repeat}: psql {seconds['psql'][-1]:.2f} s, ours {ready:.2f} s"
-            f" ({kb / 1024:.0f} MB)"
-        )
-    record = {
-        "users": users,
-        "pairs": pairs,
-        "median_seconds": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
-        "median_rss_kb": {k: statistics.median(v) for k, v in rss.items()},
-        "seconds": {k: [round(s, 3) for s in v] for k, v in seconds.items()},
-        "rss_kb": rss,
-    }
+    versions = {"ours": Path(sys.executable)}
+    record = {"users": users, "pairs": pairs, **interleaved(bindir, dsn, versions, repeat, settle)}
     derive(record, empty)
     return record
 
@@ -318,27 +315,12 @@ def plot_database(record: dict[str, Any], path: Path, title: str) -> None:
             pairs, [r["median_seconds"]["psql"] for r in sizes], "k--", label="psql, reference"
         )
         right.plot(pairs, [r["rss_bytes_per_pair"]["ours"] for r in sizes], "o-", label="reference")
-    left.plot(
-        [record["pairs"]],
-        [record["median_seconds"]["ours"]],
-        "r*",
-        markersize=14,
-        label="your database",
-    )
-    left.plot(
-        [record["pairs"]],
-        [record["median_seconds"]["psql"]],
-        "kx",
-        markersize=10,
-        label="psql, your database",
-    )
-    right.plot(
-        [record["pairs"]],
-        [record["rss_bytes_per_pair"]["ours"]],
-        "r*",
-        markersize=14,
-        label="your database",
-    )
+    for axis, value, style, label in (
+        (left, record["median_seconds"]["ours"], "r*", "your database"),
+        (left, record["median_seconds"]["psql"], "kx", "psql, your database"),
+        (right, record["rss_bytes_per_pair"]["ours"], "r*", "your database"),
+    ):
+        axis.plot([record["pairs"]], [value], style, markersize=12, label=label)
     for axis, label in (
         (left, "seconds from process start to /readyz 200"),
         (right, "RSS per (user, counterpart) count, bytes"),
@@ -409,6 +391,23 @@ def plot(records: list[dict[str, Any]], path: Path, title: str, labels: dict[str
     plt.close(fig)
 
 
+@contextmanager
+def throwaway_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL of its own (the system's 15 where installed, else the embedded one)."""
+    bindirs = system_bindirs()
+    root = Path(tempfile.mkdtemp(prefix="replicator-bench-snapshot-"))
+    root.chmod(0o755)
+    cluster = PostgresCluster(
+        bindirs[0] if bindirs else embedded_bindir(), root / "pgdata", settings=PG_SETTINGS
+    )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -443,13 +442,7 @@ def main() -> None:
     if args.baseline != "none":
         versions["baseline"], baseline_sha = baseline_python(args.baseline)
         labels["baseline"] = f"replicator {baseline_sha} (baseline)"
-    bindirs = system_bindirs()
-    bindir = bindirs[0] if bindirs else embedded_bindir()
-    root = Path(tempfile.mkdtemp(prefix="replicator-bench-snapshot-"))
-    root.chmod(0o755)
-    cluster = PostgresCluster(bindir, root / "pgdata", settings=PG_SETTINGS)
-    try:
-        cluster.start()
+    with throwaway_cluster() as cluster:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         load = wait_for_quiet(args.max_load, 900)
@@ -461,9 +454,6 @@ def main() -> None:
             derive(record, empty)
             records.append(record)
         load_after = load_average()
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
     report = {
         "command": f"make bench-snapshot BASELINE={args.baseline}",
         "statistic": f"median of {args.repeat} interleaved runs",
@@ -505,17 +495,9 @@ def main() -> None:
 def database_main(args: argparse.Namespace) -> None:
     """``--dsn``: start-up and memory on one given database, and the RSS of an empty one
     (from a throwaway embedded PostgreSQL) to subtract."""
-    bindirs = system_bindirs()
-    bindir = bindirs[0] if bindirs else embedded_bindir()
-    root = Path(tempfile.mkdtemp(prefix="replicator-bench-snapshot-"))
-    root.chmod(0o755)
-    cluster = PostgresCluster(bindir, root / "pgdata", settings=PG_SETTINGS)
-    try:
-        cluster.start()
+    with throwaway_cluster() as cluster:
         empty = empty_rss(cluster, {"ours": Path(sys.executable)}, args.settle)
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
+        bindir = cluster.bindir
     with psycopg.connect(args.dsn) as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
     load = load_average()
