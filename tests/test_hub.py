@@ -353,7 +353,7 @@ def test_bursts_merge_per_stream_and_fall_back_to_the_whole_state() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_server_other_than_uvicorns_h11_gets_every_write_through_asgi() -> None:
+async def test_a_server_other_than_uvicorns_own_gets_every_write_through_asgi() -> None:
     sent: list[object] = []
 
     async def send(message: object) -> None:

@@ -166,7 +166,7 @@ class Service:
 
     @property
     def app(self) -> ASGIApp:
-        return KeepServerSend(self.web.app)
+        return KeepServerSend(self.web.asgi)
 
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0
@@ -246,10 +246,7 @@ class Service:
             # uvicorn's own check (per request), one above so that it never fires first
             "limit_concurrency": self.guard.max_connections + 1,
             "backlog": 4096,
-            "h11_max_incomplete_event_size": self.guard.max_head,
-            # h11 rather than httptools even where that is installed: the guards subclass
-            # uvicorn's h11 protocol, and uvloop already took most of the per-write cost
-            # that httptools would save.
+            # httptools, with the guards of runtime/connections.py
             "http": protocol_class(self.guard),
             # The client address (per-address stream limits, access log) comes from
             # X-Forwarded-For only when the peer is one of these.

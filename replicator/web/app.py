@@ -32,6 +32,7 @@ from replicator.pg.lsn import format_lsn, parse_lsn
 from replicator.web.auth import AuthError, Identity, TokenVerifier
 from replicator.web.cors import CorsMiddleware, CorsPolicy
 from replicator.web.headers import COMMON, DATA_POLICY, SecurityHeaders
+from replicator.web.hot import HotRoutes
 from replicator.web.metrics import ProcessMetrics, registry_for, render
 from replicator.web.stream import BadgeStreamResponse
 from replicator.web.tickets import Tickets
@@ -193,10 +194,12 @@ class BadgeApp:
             ]
         else:
             public_ops = ops
+        stream = self._guard(self.stream, "stream")
+        ticket = self._guard(self.ticket, "ticket")
         routes = [
-            Route("/v1/badges/stream", self._guard(self.stream, "stream"), methods=["GET"]),
+            Route("/v1/badges/stream", stream, methods=["GET"]),
             Route("/v1/badges", self._guard(self.badges), methods=["GET"]),
-            Route("/v1/badges/ticket", self._guard(self.ticket, "ticket"), methods=["POST"]),
+            Route("/v1/badges/ticket", ticket, methods=["POST"]),
             Route("/v1/admin/badges", self._guard(self.all_badges, "admin"), methods=["GET"]),
             *public_ops,
             *(static_route(name, media) for name, media in CLIENT_FILES.items()),
@@ -217,6 +220,16 @@ class BadgeApp:
             middleware=[security, Middleware(CorsMiddleware, policy=self.cors)],
         )
         self.admin_app = Starlette(routes=ops, middleware=[security])
+        #: the app with a reconnect's two requests served directly (what the server runs)
+        self.asgi = HotRoutes(
+            self.app,
+            {
+                ("POST", "/v1/badges/ticket"): ticket,
+                ("GET", "/v1/badges/stream"): stream,
+                ("HEAD", "/v1/badges/stream"): stream,
+            },
+            self.cors,
+        )
 
     def _guard(
         self, handler: Callable[[Request, Identity], Awaitable[Response]], kind: str = "user"

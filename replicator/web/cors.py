@@ -55,6 +55,18 @@ class CorsPolicy:
         return [(b"vary", b"Origin"), *allow]
 
 
+def request_origin(scope: Scope) -> tuple[str | None, bool]:
+    """The request's ``Origin``, and whether it asks for a preflight's answer."""
+    origin = None
+    preflight = False
+    for name, value in scope["headers"]:
+        if name == b"origin":
+            origin = value.decode("latin-1")
+        elif name == b"access-control-request-method":
+            preflight = True
+    return origin, preflight
+
+
 class CorsMiddleware:
     def __init__(self, app: ASGIApp, policy: CorsPolicy) -> None:
         self.app = app
@@ -64,13 +76,7 @@ class CorsMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
             return
-        origin = None
-        preflight = False
-        for name, value in scope["headers"]:
-            if name == b"origin":
-                origin = value.decode("latin-1")
-            elif name == b"access-control-request-method":
-                preflight = True
+        origin, preflight = request_origin(scope)
         if origin is None:
             await self.app(scope, receive, send)
             return
