@@ -216,6 +216,16 @@ async def test_cors_preflight_and_responses(idle: RunningService) -> None:
         assert other.status_code == 200
         assert "access-control-allow-origin" not in other.headers
         assert other.headers["vary"] == "Origin"
+        # The ticket and the stream (served apart from the router, for reconnects) carry the
+        # same CORS and security headers, errors included.
+        ticket = await client.post("/v1/badges/ticket", headers={"Origin": APP, **bearer(token)})
+        no_ticket = await client.post("/v1/badges/ticket", headers={"Origin": APP})
+        no_stream = await client.get("/v1/badges/stream", headers={"Origin": APP})
+        assert (ticket.status_code, no_ticket.status_code, no_stream.status_code) == (200, 401, 401)
+        for answer in (ticket, no_ticket, no_stream):
+            for name in ("access-control-allow-origin", "vary", "content-security-policy"):
+                assert answer.headers[name] == listed.headers[name], (answer.url, name)
+            assert answer.headers["x-content-type-options"] == "nosniff"
         plain = await client.get("/healthz", headers={"Origin": APP})
         assert "access-control-allow-origin" not in plain.headers
 
