@@ -3,6 +3,7 @@ that measure this version and that one in the same run."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,21 @@ HERE = Path(__file__).resolve().parent
 BASELINES = HERE / ".baselines"
 #: the default baseline: the commit where this branch left main
 DEFAULT_BASELINE = "merge-base"
+
+
+def counts(text: str) -> list[int]:
+    """``--users 1000,10000``-style lists of numbers."""
+    return [int(x) for x in text.split(",")]
+
+
+def comparison_arguments(parser: argparse.ArgumentParser, baseline_help: str) -> None:
+    """``--baseline`` (a commit measured in the same run) and ``--max-load``."""
+    parser.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        help=baseline_help + " (default: where this branch left main; none: skip)",
+    )
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
 
 
 def log(message: str) -> None:

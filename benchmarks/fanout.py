@@ -63,8 +63,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.baseline import (  # noqa: E402
-    DEFAULT_BASELINE,
     baseline_python,
+    comparison_arguments,
+    counts,
     head,
     load_average,
     log,
@@ -1130,7 +1131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--clients",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=counts,
         default=[100, 1000, 5000, 10_000],
         help="comma-separated stream counts (default 100,1000,5000,10000)",
     )
@@ -1150,7 +1151,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--wide",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=counts,
         default=[10, 1000, 20_000],
         help="counterparts of the wide users (default 10,1000,20000)",
     )
@@ -1161,13 +1162,7 @@ def main() -> None:
         "--storm", type=int, default=1, help="restart the service under the streams (0: skip)"
     )
     parser.add_argument("--storm-timeout", type=float, default=180, help="seconds at most")
-    parser.add_argument(
-        "--baseline",
-        default=DEFAULT_BASELINE,
-        help="git commit measured at the largest N in the same run (default: where this"
-        " branch left main; none: skip)",
-    )
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
+    comparison_arguments(parser, "git commit measured at the largest N in the same run")
     parser.add_argument(
         "--service-env",
         action="append",

@@ -42,8 +42,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.baseline import (  # noqa: E402
-    DEFAULT_BASELINE,
     baseline_python,
+    comparison_arguments,
+    counts,
     head,
     load_average,
     log,
@@ -412,19 +413,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--users",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=counts,
         default=[10_000, 100_000, 1_000_000],
         help="comma-separated user counts (default 10000,100000,1000000)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
-    parser.add_argument(
-        "--baseline",
-        default=DEFAULT_BASELINE,
-        help="git commit to compare with, installed in its own virtualenv (default: where"
-        " this branch left main; none: skip)",
-    )
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
+    comparison_arguments(parser, "git commit to compare with, installed in its own virtualenv")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--dsn",

@@ -115,6 +115,14 @@ class Serve:
 
 
 @pytest.mark.slow
+def serve_once(data_dir: Path, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``serve`` on the embedded server in ``data_dir``, expected to exit by itself."""
+    command = [sys.executable, "-m", "replicator", "serve", "--port", "0"]
+    return subprocess.run(
+        [*command, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     first = Serve(data_dir)
@@ -149,21 +157,7 @@ def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
             assert result.returncode == 0, result.stderr
         assert first.badges()["total_unread_messages"] == seeded + 1
         # and a second service on it is refused with one line
-        second_try = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "replicator",
-                "serve",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second_try = serve_once(data_dir, timeout=60)
         assert second_try.returncode == 2
         assert "is in use by another replicator serve" in second_try.stderr
         assert first.badges()["total_unread_messages"] == seeded + 1
@@ -189,21 +183,7 @@ def test_embedded_default_starts_seeds_and_persists(tmp_path: Path) -> None:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute("ALTER TABLE calls RENAME COLUMN seen_at TO seen")
         cluster.stop()
-        failed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "replicator",
-                "serve",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        failed = serve_once(data_dir, timeout=120)
         assert failed.returncode == 1, failed.stderr
         assert "Traceback" not in failed.stderr
         last = failed.stderr.strip().splitlines()[-1]
