@@ -12,7 +12,7 @@ connection gets a 408 or 431 and is closed; a connection beyond ``max_connection
 The service runs uvicorn's httptools protocol: a reconnecting crowd costs per request what
 parsing and framing cost, and httptools' C parser takes well under half of h11's time for
 them. The guards override uvicorn's ``connection_made``, ``connection_lost``,
-``data_received`` and ``on_response_complete``, which both of its protocols have, so
+``data_received``, ``on_headers_complete`` and ``on_response_complete``, so
 pyproject pins uvicorn to the versions tested with them.
 """
 

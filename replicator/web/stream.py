@@ -8,10 +8,10 @@ heartbeat wheel flags heartbeats, drops a stream whose send has overstayed ``sen
 looks at the stream, which is at most a sixteenth of the heartbeat interval later.
 
 What a write costs is paid for every event and every heartbeat of every stream, so under
-uvicorn's HTTP/1.1 protocols (httptools, the one the service runs, or h11) a stream writes its
-chunks to the connection itself once the response has started, framed as uvicorn would frame
-them, rather than through every ASGI layer; the start and the end of the response still go
-through ASGI, and under any other server every write does.
+uvicorn's httptools protocol (the one the service runs) a stream writes its body to the
+connection itself once the response has started, framed as uvicorn would frame it, rather than
+through every ASGI layer; the start and the end of the response still go through ASGI, and
+under any other server every write does.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ END: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": F
 
 #: the scope key under which ``KeepServerSend`` keeps the server's own ``send``
 SERVER_SEND = "replicator.server_send"
-#: uvicorn's request cycles whose connection a stream writes its chunks to itself
-UVICORN_CYCLES = ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl")
+#: the module of uvicorn's request cycle whose connection a stream writes to itself
+HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 Writer = Callable[[bytes], Awaitable[None]]
 
 
@@ -62,51 +62,51 @@ class KeepServerSend:
         await self.app(scope, receive, send)
 
 
-def _framing(scope: Scope, cycle: object) -> bool | None:
-    """How a stream may write its body to uvicorn's connection itself: as chunks (True), as
-    it is (False: HTTP/1.0, where the body runs until the connection closes), or not at all
-    (None: through ASGI)."""
-    module = type(cycle).__module__
-    if module not in UVICORN_CYCLES or not all(
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _framer(scope: Scope, cycle: object) -> Callable[[bytes], bytes] | None:
+    """How a stream may frame the body it writes to uvicorn's connection itself: as chunks,
+    as it is (HTTP/1.0, where the body runs until the connection closes), or not at all
+    (None: through ASGI). The cycle says which: runtime/connections.py turns chunks off for
+    HTTP/1.0, and that protocol closes the connection after a 1.0 response."""
+    if type(cycle).__module__ != HTTPTOOLS_CYCLE or not all(
         hasattr(cycle, name) for name in ("transport", "flow", "disconnected")
     ):
         return None
-    if module.endswith("h11_impl"):
-        # h11 chunks a body of unknown length on HTTP/1.1, and frames HTTP/1.0 itself
-        return True if scope.get("http_version") == "1.1" else None
-    # httptools' cycle says how it frames the body (runtime/connections.py turns chunks off
-    # for HTTP/1.0, which closes the connection after the response)
     chunked = getattr(cycle, "chunked_encoding", None)
     if chunked is True:
-        return True
+        return _chunk
     if chunked is False and scope.get("http_version") == "1.0":
-        return False
+        return _as_is
     return None
 
 
 def body_writer(scope: Scope, send: Send) -> tuple[Writer, Callable[[bytes], bool] | None]:
     """Writers of the body of a started response of unknown length: one that waits while the
-    client is slow, and (under uvicorn's own protocols) one that writes only when the
+    client is slow, and (under uvicorn's httptools protocol) one that writes only when the
     connection takes the bytes at once and says whether it did."""
     cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
-    chunked = _framing(scope, cycle)
-    if chunked is not None:
+    frame = _framer(scope, cycle)
+    if frame is not None:
         transport, flow = cycle.transport, cycle.flow  # type: ignore[union-attr]
-
-        def framed(data: bytes) -> bytes:
-            return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
 
         async def direct(data: bytes) -> None:
             # what uvicorn does for a body message, without its bookkeeping
             if flow.write_paused and not cycle.disconnected:  # type: ignore[union-attr]
                 await flow.drain()
             if not cycle.disconnected:  # type: ignore[union-attr]
-                transport.write(framed(data))
+                transport.write(frame(data))
 
         def now(data: bytes) -> bool:
             if flow.write_paused or cycle.disconnected:  # type: ignore[union-attr]
                 return False
-            transport.write(framed(data))
+            transport.write(frame(data))
             return True
 
         return direct, now
