@@ -76,34 +76,6 @@ async def run_demo_traffic(pool: Pool, *, interval: float = 2.0, seed: int | Non
             await anyio.sleep(5)
 
 
-async def _one_change(
-    conn: psycopg.AsyncConnection[tuple[object, ...]], rng: random.Random
-) -> None:
-    contact = rng.choice(list(CONTACTS))
-    action = rng.choices(["message", "read", "missed", "seen"], weights=[50, 25, 15, 10])[0]
-    if action == "message":
-        await conn.execute(
-            "INSERT INTO messages (sender_id, recipient_id, body) VALUES (%s, %s, %s)",
-            (contact, DEMO_USER, rng.choice(_LINES)),
-        )
-    elif action == "read":
-        await conn.execute(
-            "UPDATE messages SET read_at = now()"
-            " WHERE recipient_id = %s AND sender_id = %s AND read_at IS NULL",
-            (DEMO_USER, contact),
-        )
-    elif action == "missed":
-        await conn.execute(
-            "INSERT INTO calls (caller_id, callee_id, status) VALUES (%s, %s, 'missed')",
-            (contact, DEMO_USER),
-        )
-    else:
-        await conn.execute(
-            "UPDATE calls SET seen_at = now() WHERE callee_id = %s AND seen_at IS NULL",
-            (DEMO_USER,),
-        )
-
-
 #: what the demo page's buttons do, each for the token's user: a message or a missed call
 #: from a contact, reading a contact's messages, seeing every missed call
 ACTIONS = {
@@ -120,6 +92,16 @@ ACTIONS = {
     ),
     "seen": "UPDATE calls SET seen_at = now() WHERE callee_id = %(user)s AND seen_at IS NULL",
 }
+
+
+async def _one_change(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], rng: random.Random
+) -> None:
+    """One of the demo page's ``ACTIONS``, for the demo user and a random contact."""
+    contact = rng.choice(list(CONTACTS))
+    action = rng.choices(["message", "read", "call", "seen"], weights=[50, 25, 15, 10])[0]
+    params = {"user": DEMO_USER, "contact": contact, "body": rng.choice(_LINES)}
+    await conn.execute(ACTIONS[action], params)
 
 
 async def demo_action(pool: Pool, user: str, action: object, contact: object) -> int:
