@@ -21,6 +21,7 @@ from replicator.badges.tables import TableMap, qualified
 from replicator.config.settings import Settings
 from replicator.errors import ReplicatorError, one_line
 from replicator.pg import ddl
+from replicator.pg.slots import WAL_POSITION
 from replicator.runtime.cluster import PostgresCluster, embedded_bindir
 from replicator.runtime.embedded import embedded_database
 
@@ -505,8 +506,8 @@ def check_inactive_slots(conn: Conn, slot: str) -> Check:
     rows = _rows(
         conn,
         "SELECT slot_name, slot_type, database, retained, pg_size_pretty(retained) FROM ("
-        " SELECT slot_name, slot_type, database, pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery()"
-        "  THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn) AS retained"
+        f" SELECT slot_name, slot_type, database, pg_wal_lsn_diff({WAL_POSITION}, restart_lsn)"
+        " AS retained"
         " FROM pg_replication_slots WHERE NOT active) s"
         " ORDER BY retained DESC NULLS LAST, slot_name",
     )
@@ -548,8 +549,7 @@ def check_instances(conn: Conn, prefix: str) -> Check:
         conn,
         "SELECT slot_name, active, pg_size_pretty(pg_wal_lsn_diff(position,"
         " confirmed_flush_lsn)), pg_size_pretty(pg_wal_lsn_diff(position, restart_lsn))"
-        " FROM pg_replication_slots, (SELECT CASE WHEN pg_is_in_recovery()"
-        " THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS position) p"
+        f" FROM pg_replication_slots, (SELECT {WAL_POSITION} AS position) p"
         " WHERE slot_name ~ %s ORDER BY slot_name",
         (instance_pattern(prefix),),
     )

@@ -16,6 +16,11 @@ logger = logging.getLogger(__name__)
 
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
+#: the server's WAL position as SQL: its current one, or on a standby its replay position
+WAL_POSITION = (
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END"
+)
+
 
 def _quote(name: str) -> str:
     return (

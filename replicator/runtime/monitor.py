@@ -10,6 +10,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from replicator.errors import one_line
+from replicator.pg.slots import WAL_POSITION
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ def open_pool(dsn: str) -> Pool:
 #: WAL the slot keeps on the server: from its restart_lsn to the server's current position
 #: (on a standby, its replay position)
 RETAINED_QUERY = (
-    "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_lsn() END, restart_lsn)::bigint"
+    f"SELECT pg_wal_lsn_diff({WAL_POSITION}, restart_lsn)::bigint"
     " FROM pg_replication_slots WHERE slot_name = %s"
 )
 
