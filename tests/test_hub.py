@@ -139,24 +139,47 @@ def test_a_stream_is_never_silent_longer_than_the_interval(interval: float) -> N
 
 
 @pytest.mark.anyio
-async def test_wheel_drops_a_stream_whose_send_overstays() -> None:
-    wheel = HeartbeatWheel(1.0)
-    stuck, fine = Subscriber("stuck"), Subscriber("fine")
-    for sub in (stuck, fine):
-        wheel.add(sub, now=0.0)
+async def test_hub_drops_a_stream_whose_send_overstays() -> None:
+    hub = Hub(lambda: empty_state(DEFAULT_SPECS))
+    stuck, fine, done = hub.subscribe("stuck"), hub.subscribe("fine"), hub.subscribe("done")
 
     async def blocked() -> None:
         await asyncio.Event().wait()
 
     stuck.task = asyncio.get_running_loop().create_task(blocked())
-    stuck.send_deadline = 10.0
-    fine.send_deadline = 0.0
-    for _ in wheel.slots:
-        wheel.turn(now=11.0)
+    hub.writing(stuck, 10.0)
+    hub.writing(fine, 12.0)
+    hub.writing(done, 10.0)
+    hub.written(done)
+    assert hub.blocked == 2
+    hub.drop_stuck(now=11.0)
     with pytest.raises(asyncio.CancelledError):
         await stuck.task
     assert stuck.aborted and stuck.closed
-    assert not fine.aborted and fine.heartbeat
+    assert not fine.aborted and not done.aborted
+    assert hub.blocked == 1
+    hub.unsubscribe(stuck)
+    assert hub.blocked == 1 and hub.connected == 2
+
+
+def test_wheel_looks_at_a_stream_once_per_interval_and_forgets_one_that_left() -> None:
+    wheel = HeartbeatWheel(15.0)
+    busy, idle, gone = Subscriber("busy"), Subscriber("idle"), Subscriber("gone")
+    for sub in (busy, idle, gone):
+        wheel.add(sub, now=0.0)
+    gone.wheel = None  # what Hub.unsubscribe does
+    for k in range(1, round(60 / wheel.tick_s) + 1):
+        now = k * wheel.tick_s
+        busy.last_sent = now  # it writes events all the time: never a heartbeat
+        wheel.turn(now)
+        if idle.take() == HEARTBEAT:
+            idle.last_sent = now
+        waiting = [sub.user for bucket in wheel.buckets.values() for sub in bucket]
+        # Each stream waits in one bucket; the one gone leaves at its bucket's turn, within
+        # an interval.
+        assert len(waiting) == len(set(waiting)) and {"busy", "idle"} <= set(waiting)
+        assert "gone" not in waiting or now < 15.0
+    assert busy.take() is None and gone.take() is None
 
 
 @pytest.mark.anyio
@@ -183,12 +206,10 @@ def test_wheel_ends_a_stream_at_its_token_expiry() -> None:
     for s in (sub, forever):
         wheel.add(s, now=0.0)
         s.last_sent = 99.0  # recently written: no heartbeat due
-    for _ in wheel.slots:
-        wheel.turn(now=99.5)
+    wheel.turn(now=99.5)
     assert not sub.expired and sub.take() is None
     sub.full = True
-    for _ in wheel.slots:
-        wheel.turn(now=100.0)
+    wheel.turn(now=100.0)
     # It replaces what was pending: the client reconnects for the whole state.
     assert sub.take() == REAUTHENTICATE
     assert sub.closed and sub.take() is None

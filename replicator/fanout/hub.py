@@ -12,12 +12,13 @@ A stream with nothing pending whose connection takes bytes at once (``Subscriber
 is written to right where the event is made, so an event, a status or a heartbeat costs one
 write and no wake-up of the stream's task; the task writes only what had to wait.
 
-Heartbeats come from one wheel per interval rather than a timer per stream: each stream sits
-in one of the wheel's slots, and each tick looks at one slot's streams and flags a heartbeat
-for those that have been quiet too long. With ten thousand idle streams that is a few
-comparisons per tick instead of ten thousand timers to arm, cancel and collect; first beats
-are placed at random, so streams opened together never beat together. The same look ends a
-stream whose token has expired, so expiry costs a stream one number, not a timer.
+Heartbeats come from one wheel per interval rather than a timer per stream: each stream waits
+in the bucket of the tick its heartbeat would be due at, and is looked at then, once per
+interval; a stream that wrote meanwhile just goes back in for later. With ten thousand idle
+streams that is one look per heartbeat instead of ten thousand timers to arm, cancel and
+collect; first beats are placed at random, so streams opened together never beat together.
+The same look ends a stream whose token has expired, so expiry costs a stream one number,
+not a timer. Streams stuck in a write are kept apart, and checked on every tick.
 
 Shares: limits per user, per client address and for anonymous sign-ins keep one party from
 taking every stream, and the last ``reserved`` places under the cap go only to users who
@@ -49,9 +50,7 @@ HEARTBEAT: bytes = ServerSentEvent(comment="keep-alive", sep="\n").encode()
 REAUTHENTICATE: bytes = ServerSentEvent(
     '{"reason":"token expired"}', event="reauthenticate", sep="\n"
 ).encode()
-#: how often per heartbeat interval the wheel looks at each stream
-VISITS = 16
-#: longest wheel tick
+#: longest wheel tick (how late a heartbeat may be looked at, and a stuck send noticed)
 MAX_TICK_S = 0.25
 #: a user whose last stream closed this recently still counts as connected for the reserve
 REJOIN_S = 120.0
@@ -160,7 +159,6 @@ class Subscriber:
         "aborted",
         "address",
         "anonymous",
-        "beat_slot",
         "changes",
         "closed",
         "direct",
@@ -174,6 +172,7 @@ class Subscriber:
         "status",
         "task",
         "user",
+        "wheel",
         "whole",
     )
 
@@ -214,7 +213,8 @@ class Subscriber:
         self.last_sent = 0.0
         #: the task writing this stream, cancelled if a send overstays its deadline
         self.task: asyncio.Task[object] | None = None
-        self.beat_slot: set[Subscriber] | None = None
+        #: the heartbeat wheel it is in (None: in none, or gone)
+        self.wheel: HeartbeatWheel | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
@@ -358,43 +358,78 @@ class Subscriber:
 
 
 class HeartbeatWheel:
-    """Looks at each member ``VISITS`` times per interval, one slot of members per tick, and
-    flags a heartbeat for a member that has written nothing for so long that waiting for the
-    next look could leave it silent for more than the interval. A stream that carries events
-    so gets no heartbeat it does not need; an idle one gets one about every interval."""
+    """Flags a heartbeat for each member that has written nothing for almost the interval,
+    looking at each member once per interval (about when its heartbeat would be due) rather
+    than at every member on every tick.
+
+    Members wait in buckets of one tick each, keyed by the tick they are due at; a turn takes
+    the buckets whose time has come. A member that wrote meanwhile goes back in for its new
+    due time, one that did not gets a heartbeat, and one whose token has expired is ended.
+    A look comes at most a tick after the due time, and a turn at most a tick late, so a
+    member whose due time is the interval less two ticks after its last write is never
+    silent for longer than the interval. A member that leaves stays in its bucket, marked
+    gone, until that bucket's turn.
+    """
 
     def __init__(self, interval: float) -> None:
-        round_s = interval / VISITS
-        count = max(1, round(round_s / MAX_TICK_S))
-        self.tick_s = round_s / count
-        #: written nothing for this long: beat now, the next look (one round later, plus a
-        #: tick for a late loop) would be too late
-        self.quiet_s = interval - round_s - self.tick_s
-        self.slots: list[set[Subscriber]] = [set() for _ in range(count)]
+        self.tick_s = min(MAX_TICK_S, interval / 16)
+        #: written nothing for this long: beat now (the look may be a tick late, the turn too)
+        self.quiet_s = interval - 2 * self.tick_s
+        #: tick number -> members due at it
+        self.buckets: dict[int, list[Subscriber]] = {}
+        #: time of tick 0 (the first add or turn), and the next tick to turn
+        self.origin: float | None = None
         self.position = 0
-        self.next_at = time.monotonic() + self.tick_s
+
+    @property
+    def next_at(self) -> float:
+        """When the next tick is due (monotonic time); now if the wheel has not started."""
+        if self.origin is None:
+            return time.monotonic()
+        return self.origin + self.position * self.tick_s
+
+    def _schedule(self, sub: Subscriber, due: float) -> None:
+        assert self.origin is not None
+        tick = max(self.position, math.ceil((min(due, sub.expires_at) - self.origin) / self.tick_s))
+        bucket = self.buckets.get(tick)
+        if bucket is None:
+            self.buckets[tick] = [sub]
+        else:
+            bucket.append(sub)
 
     def add(self, sub: Subscriber, now: float) -> None:
-        slot = self.slots[random.randrange(len(self.slots))]
-        slot.add(sub)
-        sub.beat_slot = slot
+        if self.origin is None:
+            self.origin = now
+        sub.wheel = self
         # A random past for the first beat: streams opened together (a restart, a
         # reconnecting crowd) then beat at spread times rather than in one wave.
         sub.last_sent = now - random.uniform(0, self.quiet_s)
+        self._schedule(sub, sub.last_sent + self.quiet_s)
 
     def turn(self, now: float) -> None:
-        slot = self.slots[self.position]
-        self.position = (self.position + 1) % len(self.slots)
-        quiet_since = now - self.quiet_s
-        for sub in tuple(slot):
-            if sub.send_deadline and now > sub.send_deadline:
-                logger.info("dropping a stream of %s: the client stopped reading", sub.user)
-                sub.abort()
-            elif now >= sub.expires_at:
-                if not sub.closed:
-                    sub.expire()
-            elif sub.last_sent <= quiet_since:
-                sub.beat()
+        """Look at the members of every tick due by ``now``."""
+        if self.origin is None:
+            self.origin = now
+        last = math.floor((now - self.origin) / self.tick_s)
+        quiet_s, quiet_since = self.quiet_s, now - self.quiet_s
+        buckets = self.buckets
+        while self.position <= last:
+            bucket = buckets.pop(self.position, None)
+            self.position += 1
+            if bucket is None:
+                continue
+            for sub in bucket:
+                if sub.wheel is not self:
+                    continue  # gone
+                if now >= sub.expires_at:
+                    if not sub.closed:
+                        sub.expire()
+                    continue
+                if sub.last_sent <= quiet_since:
+                    sub.beat()
+                    self._schedule(sub, now + quiet_s)
+                else:
+                    self._schedule(sub, sub.last_sent + quiet_s)
 
 
 @dataclass
@@ -435,7 +470,8 @@ class Hub:
         #: whole-state events encoded since the last commit, by user
         self._whole: dict[str, bytes] = {}
         self._count = 0
-        self._writing = 0
+        #: streams in the middle of a write by their stream task
+        self._sending: set[Subscriber] = set()
         self._closed = False
         self.stats = HubStats()
 
@@ -455,20 +491,27 @@ class Hub:
     def blocked(self) -> int:
         """Streams in the middle of a write: their clients are not reading (fast enough).
 
-        Kept as a count by ``writing``/``written`` so that reading it costs nothing.
+        Kept by ``writing``/``written`` so that reading it costs nothing.
         """
-        return self._writing
+        return len(self._sending)
 
     def writing(self, sub: Subscriber, deadline: float) -> None:
         """``sub`` starts a write that must be done by ``deadline`` (monotonic time)."""
-        if not sub.send_deadline:
-            self._writing += 1
         sub.send_deadline = deadline
+        self._sending.add(sub)
 
     def written(self, sub: Subscriber) -> None:
         if sub.send_deadline:
-            self._writing -= 1
+            self._sending.discard(sub)
             sub.send_deadline = 0.0
+
+    def drop_stuck(self, now: float) -> None:
+        """End the streams whose write has not completed by its deadline: their clients
+        stopped reading."""
+        for sub in [s for s in self._sending if now > s.send_deadline]:
+            logger.info("dropping a stream of %s: the client stopped reading", sub.user)
+            self._sending.discard(sub)
+            sub.abort()
 
     def subscribe(
         self,
@@ -562,9 +605,7 @@ class Hub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.written(sub)  # a write cut short (abort, shutdown) still counted as going on
-        if sub.beat_slot is not None:
-            sub.beat_slot.discard(sub)
-            sub.beat_slot = None
+        sub.wheel = None
         sub.task = None
         subs = self._by_user.get(sub.user)
         if subs is None or sub not in subs:
@@ -645,15 +686,10 @@ class Hub:
             due = min((w.next_at for w in wheels), default=now + MAX_TICK_S)
             await anyio.sleep(max(0.0, min(due, now + MAX_TICK_S) - now))
             now = monotonic()
+            if self._sending:
+                self.drop_stuck(now)
             for wheel in wheels:
-                # A late loop turns the slots it missed, but never more than once round.
-                for _ in range(len(wheel.slots)):
-                    if wheel.next_at > now:
-                        break
-                    wheel.turn(now)
-                    wheel.next_at += wheel.tick_s
-                if wheel.next_at <= now:
-                    wheel.next_at = now + wheel.tick_s
+                wheel.turn(now)
 
     def close(self) -> None:
         """End every stream promptly (shutdown)."""

@@ -2,10 +2,10 @@
 
 What an idle stream costs is what it keeps while suspended, times ten thousand. So a stream
 is the request's own task waiting on one future, plus one small task that waits for the
-client to hang up; no task group, cancel scope, lock or timer per stream. The hub's
-heartbeat wheel flags heartbeats, drops a stream whose send has overstayed ``send_timeout``
-(the client stopped reading), and ends one whose token has expired, each the next time it
-looks at the stream, which is at most a sixteenth of the heartbeat interval later.
+client to hang up; no task group, cancel scope, lock or timer per stream. The hub flags
+heartbeats, ends a stream whose token has expired, and drops one whose send has overstayed
+``send_timeout`` (the client stopped reading), each at most a tick of its wheel late (a
+sixteenth of the heartbeat interval, at most a quarter of a second).
 
 What a write costs is paid for every event and every heartbeat of every stream, so under
 uvicorn's httptools protocol (the one the service runs) a stream writes its body to the
@@ -173,7 +173,7 @@ class BadgeStreamResponse(Response):
         except asyncio.CancelledError:
             if not sub.aborted:
                 raise
-            # Ours, from the heartbeat wheel: the client stopped reading, so end its stream.
+            # Ours, from the hub: the client stopped reading, so end its stream.
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
