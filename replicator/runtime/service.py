@@ -209,7 +209,6 @@ class Service:
                 tg.start_soon(self.hub.run)
                 tg.start_soon(self.collector.run)
                 tg.start_soon(self.monitor.run)
-                tg.start_soon(self._count_open_files)
                 if self.verifier.jwks is not None:
                     tg.start_soon(self.verifier.jwks.run)
                 if self.demo_traffic:
@@ -227,13 +226,6 @@ class Service:
                 await self.pool.close()
                 if self.primary_pool is not self.pool:
                     await self.primary_pool.close()
-
-    async def _count_open_files(self, interval: float = 2.0) -> None:
-        """Keep the open-files metric fresh off the event loop: listing /proc/self/fd takes
-        time per open connection, so a scrape lists it only while it is short."""
-        while True:
-            await anyio.sleep(interval)
-            await anyio.to_thread.run_sync(self.web.process.count_open_files)
 
     def config(self, sock: socket.socket, **overrides: Any) -> uvicorn.Config:
         options: dict[str, Any] = {

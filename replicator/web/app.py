@@ -431,6 +431,7 @@ class BadgeApp:
                     "/metrics needs Authorization: Bearer <REPLICATOR_METRICS_TOKEN>",
                     **{"WWW-Authenticate": "Bearer"},
                 )
+        await self.process.refresh()
         return Response(render(self.registry), media_type="text/plain; version=0.0.4")
 
     async def demo_contacts(self, request: Request) -> Response:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import anyio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -111,12 +112,14 @@ class ReplicatorCollector(Collector):
 class ProcessMetrics(Collector):
     """The process's memory, CPU, start time and open files, as prometheus_client's
     ProcessCollector names them. Listing /proc/self/fd costs time per open connection, so
-    a scrape counts the open files itself only while they are few (a bounded cost); past
-    that it reports the count ``count_open_files`` made last, which the service runs off the
-    event loop every few seconds."""
+    the files are counted only for a scrape: in the scrape itself while they are few (a
+    bounded cost), past that off the event loop (``refresh``) and at most every ``STALE_S``
+    seconds. A service nobody scrapes never lists them."""
 
     #: open files a scrape may list itself (about 0.4 ms)
     INLINE = 1000
+    #: seconds a count of many open files is reported again before it is made afresh
+    STALE_S = 5.0
 
     def __init__(self) -> None:
         self._ticks = os.sysconf("SC_CLK_TCK")
@@ -127,10 +130,18 @@ class ProcessMetrics(Collector):
                 if line.startswith(b"btime "):
                     self._boot_time = float(line.split()[1])
         self.open_files = 0
+        self._counted_at = 0.0
         self.count_open_files()
 
     def count_open_files(self) -> None:
         self.open_files = len(os.listdir("/proc/self/fd"))
+        self._counted_at = time.monotonic()
+
+    async def refresh(self) -> None:
+        """Before a scrape: count many open files again, off the event loop, if the last
+        count is stale."""
+        if self.open_files >= self.INLINE and time.monotonic() - self._counted_at > self.STALE_S:
+            await anyio.to_thread.run_sync(self.count_open_files)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self.open_files < self.INLINE:
