@@ -8,8 +8,9 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
@@ -52,6 +53,9 @@ from replicator.pipeline.failures import explain, is_connection_error
 from replicator.pipeline.snapshot import read_initial_state
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
 
 
 @dataclass
@@ -142,6 +146,9 @@ class Consumer:
         #: the stream has been live at least once (errors before that end the service)
         self.started = False
         self._repl: ReplicationConnection | None = None
+        #: the connection of the catalog looks, kept between them (see ``_admin``)
+        self._look_conn: Conn | None = None
+        self._look_lock = anyio.Lock()
         self._slot_created = False
         #: (lsn, order, future) of requests waiting for the applied LSN to reach lsn
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -333,37 +340,63 @@ class Consumer:
     async def _reclaim(self) -> None:
         """Drop the slots of instances that died (never fatal: the next look tries again)."""
         opts = self.options
-        if opts.slot_prefix is None:
+        prefix = opts.slot_prefix
+        if prefix is None:
             return
         try:
-            async with await psycopg.AsyncConnection.connect(
-                opts.dsn, autocommit=True, connect_timeout=10
-            ) as admin:
-                await reclaim_dead_slots(
+            await self._look(
+                lambda admin: reclaim_dead_slots(
                     admin,
-                    prefix=opts.slot_prefix,
+                    prefix=prefix,
                     own=opts.slot,
                     plugin=opts.decoder,
                     grace=opts.slot_grace_s,
                     seen=self._idle_slots,
                 )
+            )
         except psycopg.Error as exc:
             logger.debug("could not look for dead instances' slots: %s", one_line(exc))
+
+    async def _look(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """``work`` on the connection for looks at the catalog, one look at a time. It is
+        kept between looks (opening one every few seconds costs more than the look, here and
+        in the server) and dropped after anything goes wrong; a look on a kept connection that
+        the server has closed meanwhile is made again on a new one."""
+        async with self._look_lock:
+            for kept in (True, False):
+                conn = self._look_conn if kept else None
+                if conn is None or conn.closed:
+                    kept = False
+                    conn = await psycopg.AsyncConnection.connect(
+                        self.options.dsn, autocommit=True, connect_timeout=10
+                    )
+                    self._look_conn = conn
+                try:
+                    return await work(conn)
+                except BaseException as exc:
+                    self._look_conn = None
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+                    if not (kept and isinstance(exc, psycopg.OperationalError)):
+                        raise
+            raise AssertionError("unreachable: the second look raises or returns")
 
     async def _learn(self, need: NeedsCatalog) -> None:
         """Look at the catalog for what the stream cannot say: a relation it has not seen, a
         DDL signal, or any change since the snapshot. Raises ``StartAfresh`` or
         ``SchemaError`` when the stream cannot go on as it is."""
         opts = self.options
-        async with await psycopg.AsyncConnection.connect(
-            opts.dsn, autocommit=True, connect_timeout=10
-        ) as admin:
+
+        async def look(admin: Conn) -> tuple[TableMap, list[Badge], list[tuple[str, str]]]:
             tables = await describe_async(admin, self.applier.badges, opts.publication)
             check_names(self.tables, tables, self.applier.badges)
             badges = await bind_async(admin, self.specs, explain=False)
             known_oids = self.tables.oids()
             added = [m.key for m in tables.members.values() if m.oid not in known_oids]
             empty = await empty_relations(admin, added) if added else []
+            return tables, badges, empty
+
+        tables, badges, empty = await self._look(look)
         new_members = table_changes(
             self.tables,
             tables,
@@ -573,6 +606,9 @@ class Consumer:
         self._set_live(False)
         with anyio.move_on_after(5, shield=True):
             await self._close_repl()
+            if self._look_conn is not None:
+                await self._look_conn.close()
+                self._look_conn = None
             if not self._slot_created:
                 return
             try:
