@@ -36,6 +36,8 @@ class FreezingCollector:
         self.full_collections = 0
         self.forced_collections = 0
         self._due = False
+        #: collections of the middle generation at the last look
+        self._promotions_seen = -1
 
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
         # Freezing inside the callback would change the generations the collector is
@@ -55,7 +57,15 @@ class FreezingCollector:
         if self._due:
             self._due = False
             gc.freeze()
-        elif len(gc.get_objects(generation=2)) > MAX_UNFROZEN:
+            return
+        # Only the middle generation's collections move objects into the oldest, so while
+        # there has been none since the last look it has not grown, and is not counted again:
+        # counting walks every object in it, scattered across the heap (milliseconds).
+        promotions = gc.get_stats()[1]["collections"]
+        if promotions == self._promotions_seen:
+            return
+        self._promotions_seen = promotions
+        if len(gc.get_objects(generation=2)) > MAX_UNFROZEN:
             # Streams opening in numbers would otherwise pile up until CPython's own
             # trigger (a quarter more than last time), then cost one long pause.
             self.forced_collections += 1
