@@ -155,10 +155,6 @@ def _setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve" and argv is None:
-        from replicator.runtime.memory import start_again_with_large_pages
-
-        start_again_with_large_pages()
     try:
         settings = _settings(args)
         _setup_logging(settings.log_level)
