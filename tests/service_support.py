@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from replicator.web.auth import mint_token
+from tests.conftest import Server, create_database, drop_database
 from tests.support import slot_env
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -141,6 +142,17 @@ def running_service(dsn: str, slot: str | None, **kwargs: Any) -> Iterator[Runni
         yield service
     finally:
         service.stop()
+
+
+@contextmanager
+def service_on_new_database(server: Server, **kwargs: Any) -> Iterator[RunningService]:
+    """A service on a database of its own on ``server``, dropped after."""
+    db = create_database(server)
+    try:
+        with running_service(db.dsn, db.slot, **kwargs) as service:
+            yield service
+    finally:
+        drop_database(db)
 
 
 @dataclass

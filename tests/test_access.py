@@ -17,8 +17,8 @@ from starlette.requests import Request
 
 from replicator.web.app import client_address
 from replicator.web.cors import CorsPolicy
-from tests.conftest import Server, create_database, drop_database
-from tests.service_support import RunningService, running_service
+from tests.conftest import Server
+from tests.service_support import RunningService, service_on_new_database
 
 pytestmark = pytest.mark.anyio
 
@@ -29,7 +29,6 @@ PROXY = "127.0.0.3"
 
 @pytest.fixture(scope="module")
 def service(pg_server: Server) -> Iterator[RunningService]:
-    db = create_database(pg_server)
     env = {
         "REPLICATOR_CORS_ORIGINS": APP,
         "REPLICATOR_MAX_STREAMS_PER_ADDRESS": "3",
@@ -38,11 +37,8 @@ def service(pg_server: Server) -> Iterator[RunningService]:
         "REPLICATOR_MAX_ANONYMOUS_STREAMS": "1",
         "REPLICATOR_TRUSTED_PROXIES": PROXY,
     }
-    try:
-        with running_service(db.dsn, db.slot, env=env) as svc:
-            yield svc
-    finally:
-        drop_database(db)
+    with service_on_new_database(pg_server, env=env) as svc:
+        yield svc
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Server, create_database, drop_database
-from tests.service_support import RunningService, running_service
+from tests.conftest import Server
+from tests.service_support import RunningService, service_on_new_database
 
 ALICE = str(uuid.UUID(int=31, version=4))
 BOB = str(uuid.UUID(int=32, version=4))
@@ -33,12 +33,8 @@ jwtish = st.builds(
 
 @pytest.fixture(scope="module")
 def service(pg_server: Server) -> Iterator[RunningService]:
-    db = create_database(pg_server)
-    try:
-        with running_service(db.dsn, db.slot) as svc:
-            yield svc
-    finally:
-        drop_database(db)
+    with service_on_new_database(pg_server) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
