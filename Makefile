@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout bench-snapshot bench-big-transaction psql token clean
+.PHONY: run test lint typecheck pytest system-deps bench-decode bench-fanout bench-snapshot bench-big-transaction bench-floor psql token clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-fanout: $(STAMP)
 
 bench-snapshot: $(STAMP)
 	$(BIN)/python benchmarks/snapshot.py $(COMPARE)
+
+bench-floor: $(STAMP)
+	$(BIN)/python benchmarks/floor.py
 
 bench-big-transaction: $(STAMP)
 	$(BIN)/python benchmarks/big_transaction.py
