@@ -163,3 +163,50 @@ async def test_connection_lost_mid_transaction_counts_it_once(database: Database
         await caught_up(consumer, database.dsn)
         assert consumer.reconnects >= 1
         assert state_counts(consumer.state) == await database_counts(database.dsn)
+
+
+async def _batches(database: Database, linger: float, commits: int) -> int:
+    """Read ``commits`` one-row transactions committed back to back, lingering ``linger``
+    seconds between batches; how many batches it took (every commit must arrive)."""
+    repl = await ReplicationConnection.open(database.dsn)
+    try:
+        lsn, _ = await repl.create_slot(database.slot, "pgoutput")
+        await repl.start(database.slot, lsn, {"proto_version": "1", "publication_names": "badges"})
+        seen, batches = [0], [0]
+        done = anyio.Event()
+
+        def on_xlogdata(payload: memoryview, start: int) -> None:
+            if payload[0] == ord("C"):
+                seen[0] += 1
+                if seen[0] == commits:
+                    done.set()
+
+        def on_idle() -> None:
+            batches[0] += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: repl.stream(
+                    on_xlogdata, lambda k: None, lambda: lsn, on_idle=on_idle, linger=linger
+                )
+            )
+            async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as c:
+                for i in range(commits):
+                    await c.execute(
+                        "INSERT INTO messages (sender_id, recipient_id, body)"
+                        " VALUES (gen_random_uuid(), gen_random_uuid(), %s)",
+                        (str(i),),
+                    )
+            with anyio.fail_after(60):
+                await done.wait()
+            tg.cancel_scope.cancel()
+        return batches[0]
+    finally:
+        await repl.close()
+
+
+async def test_changes_coming_close_together_are_read_in_batches(database: Database) -> None:
+    """Commits back to back (well over 100 a second): with a linger, each wake-up reads the
+    changes that gathered meanwhile, and every one of them arrives."""
+    commits = 300
+    assert await _batches(database, 0.05, commits) < commits / 4

@@ -25,6 +25,7 @@ BAD = [
     ("REPLICATOR_DECODER", "test_decoding"),
     ("REPLICATOR_MAX_STREAMS_PER_USER", "0"),
     ("REPLICATOR_HEARTBEAT_S", "-1"),
+    ("REPLICATOR_LINGER_MS", "500"),
     ("REPLICATOR_DEMO_TRAFFIC", "maybe"),
     ("REPLICATOR_DEMO", "sometimes"),
     ("DATABASE_URL", "mysql://localhost/db"),

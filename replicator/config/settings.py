@@ -34,6 +34,8 @@ class Settings:
     max_streams: int = 20_000
     heartbeat_s: float = 15.0
     send_timeout_s: float = 30.0
+    #: how long changes arriving close together may wait to be read together
+    linger_ms: float = 5.0
     demo_traffic: bool | None = None
     log_level: str = "INFO"
     jwks_url: str | None = None
@@ -89,6 +91,7 @@ ENV: dict[str, str] = {
     "max_streams": "REPLICATOR_MAX_STREAMS",
     "heartbeat_s": "REPLICATOR_HEARTBEAT_S",
     "send_timeout_s": "REPLICATOR_SEND_TIMEOUT_S",
+    "linger_ms": "REPLICATOR_LINGER_MS",
     "demo_traffic": "REPLICATOR_DEMO_TRAFFIC",
     "log_level": "REPLICATOR_LOG_LEVEL",
     "jwks_url": "REPLICATOR_JWKS_URL",
@@ -256,6 +259,8 @@ def _parse(key: str, text: str) -> Any:
         return _float(name, text, 0.05, 300)
     if key == "send_timeout_s":
         return _float(name, text, 0.1, 3600)
+    if key == "linger_ms":
+        return _float(name, text, 0, 100)
     if key in ("demo_traffic", "demo"):
         return _bool(name, text)
     if key == "data_dir":

@@ -38,6 +38,8 @@ _HELP = {
     "heartbeat_s": "seconds between comment lines on idle streams (default 15)",
     "send_timeout_s": "seconds a write to a client that stopped reading may take before its"
     " stream is closed (default 30)",
+    "linger_ms": "milliseconds changes arriving close together (more than 100 a second) may"
+    " wait to be read together; 0 reads each at once (default 5)",
     "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
     "log_level": "debug, info, warning or error (default info)",
     "jwks_url": "JWKS URL of your identity provider (Supabase signing keys, Auth0, Clerk,"

@@ -47,7 +47,7 @@ from replicator.pg.slots import (
     is_standby,
     reclaim_dead_slots,
 )
-from replicator.pg.walsender import ReplicationConnection
+from replicator.pg.walsender import LINGER_S, ReplicationConnection
 from replicator.pg.wire import Keepalive, pg_time_to_unix
 from replicator.pipeline.failures import explain, is_connection_error
 from replicator.pipeline.snapshot import read_initial_state
@@ -93,6 +93,8 @@ class ConsumerOptions:
     decoder: str = "pgoutput"
     #: the badges to count (None: the built-in default, its tables in ``schema``)
     badges: Sequence[BadgeSpec] | None = None
+    #: seconds changes arriving close together may wait to be read together (0: none)
+    linger_s: float = LINGER_S
     #: seconds between looks at the catalog for changes the stream cannot show (partitions
     #: attached, detached or dropped, tables renamed); the DDL signal shows them at once
     catalog_check_s: float = 5.0
@@ -316,6 +318,7 @@ class Consumer:
                     status_interval=self.options.status_interval,
                     silence_timeout=self.options.silence_timeout,
                     on_idle=self._wake_if_waiting,
+                    linger=self.options.linger_s,
                 )
             except Exception as exc:
                 failure.append(exc)

@@ -126,6 +126,7 @@ class Service:
                 schema=settings.schema,
                 decoder=settings.decoder,
                 badges=badge_spec.load(settings.badges, schema=settings.schema),
+                linger_s=settings.linger_ms / 1000,
             ),
             on_commit=self.hub.publish,
             on_live=self._on_live,
