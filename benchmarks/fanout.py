@@ -1014,6 +1014,15 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
             style,
             label=f"bytes per event, {label}",
         )
+    rows = ours["wide"]
+    # the whole state, for scale: what every event would weigh without badges-change
+    wide.plot(
+        [r["counterparts"] for r in rows],
+        [r["first_event_bytes"] for r in rows],
+        "^--",
+        color="grey",
+        label="the whole state (first event)",
+    )
     wide.set_xscale("log")
     wide.set_yscale("log")
     wide.set_xlabel("counterparts of the user")

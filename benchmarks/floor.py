@@ -14,7 +14,7 @@ with nothing else in the process, on uvloop as the service runs:
   heartbeats go out. CPU per write.
 
 CPU is the process's time on a CPU from the scheduler (``/proc/<pid>/task/*/schedstat``).
-Writes ``benchmarks/results/floor.json``.
+Writes ``benchmarks/results/floor.json`` and ``floor.png``.
 """
 
 from __future__ import annotations
@@ -230,7 +230,32 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "floor.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    plot(results, args.out / "floor.png")
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wake, beats = results["wake"], results["heartbeats"]
+    labels = [
+        f"a wake-up for one message\n({wake['rate']:.0f} messages/s)",
+        f"a heartbeat write\n({beats['streams']} connections)",
+    ]
+    values = [wake["cpu_ms_per_message"], beats["cpu_ms_per_write"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, values, color=["#2b6cb0", "#90cdf4"])
+    for x, value in enumerate(values):
+        ax.annotate(f"{value:.3f}", (x, value), ha="center", va="bottom")
+    ax.set_ylabel("CPU ms")
+    ax.set_title(f"the event loop alone (uvloop), {results['cpus']} cores", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
