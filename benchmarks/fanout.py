@@ -52,7 +52,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from benchmarks.baseline import (  # noqa: E402
     baseline_python,
     comparison_arguments,
     counts,
+    cpu_seconds,
     head,
     load_average,
     log,
@@ -195,15 +196,7 @@ class Service:
         raise RuntimeError("no VmRSS in /proc status")
 
     def cpu_s(self) -> float:
-        """The process's CPU time in nanoseconds' precision: each thread's time on a CPU from
-        the scheduler (``/proc/<pid>/stat`` counts in 10 ms ticks, too coarse for a few
-        changes per second)."""
-        total = 0
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            # a thread may end while being read
-            with suppress(FileNotFoundError, ProcessLookupError):
-                total += int((task / "schedstat").read_text().split()[0])
-        return total / 1e9
+        return cpu_seconds(self.pid)
 
     def stop(self, timeout: float = 30) -> float:
         started = time.monotonic()

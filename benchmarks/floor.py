@@ -35,23 +35,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.baseline import head, load_average, log, wait_for_quiet  # noqa: E402
+from benchmarks.baseline import (  # noqa: E402
+    cpu_seconds,
+    head,
+    load_average,
+    log,
+    wait_for_quiet,
+)
 
 RESULTS = HERE / "results"
 MESSAGE = b"x" * 100
 HEARTBEAT = b"14\r\n: keep-alive\n\n\r\n"
 TICK_S = 0.25
-
-
-def cpu_s() -> float:
-    total = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass  # a thread that ended
-    return total / 1e9
 
 
 def run_loop(main: Any) -> Any:
@@ -94,10 +89,10 @@ async def _read_until_closed(sock: socket.socket) -> tuple[int, int, float]:
                 return
             counts[0] += len(data) // len(MESSAGE)
 
-    started = cpu_s()
+    started = cpu_seconds()
     loop.add_reader(sock.fileno(), readable)
     await done
-    return counts[0], counts[1], cpu_s() - started
+    return counts[0], counts[1], cpu_seconds() - started
 
 
 def wake(rate: float, seconds: float) -> dict[str, Any]:
@@ -154,14 +149,14 @@ async def _beat(listener: socket.socket, streams: int, interval: float, seconds:
     await asyncio.sleep(2)  # let the connecting settle
     per_tick = max(1, round(len(transports) * TICK_S / interval))
     writes, position = 0, 0
-    started, cpu_a = time.monotonic(), cpu_s()
+    started, cpu_a = time.monotonic(), cpu_seconds()
     while time.monotonic() - started < seconds:
         for _ in range(per_tick):
             transports[position % len(transports)].write(HEARTBEAT)
             position += 1
         writes += per_tick
         await asyncio.sleep(TICK_S)
-    elapsed, cpu = time.monotonic() - started, cpu_s() - cpu_a
+    elapsed, cpu = time.monotonic() - started, cpu_seconds() - cpu_a
     server.close()
     return {
         "streams": len(transports),
