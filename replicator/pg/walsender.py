@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 _XLOGDATA, _KEEPALIVE = 0x77, 0x6B
 #: how long the reader may hold the event loop before letting other tasks run
 _SLICE_S = 0.01
-#: while changes arrive faster than one per this long, the reader lets them gather for this
-#: long before it reads them (see ``_Reader``)
+#: while batches of changes come less than two of these apart, the reader lets the next one
+#: gather for this long before it reads it (see ``_Reader``)
 LINGER_S = 0.005
 #: A server that vanished without closing the connection (power loss, a dropped network
 #: path) is noticed by the kernel: TCP keepalives while nothing is in flight, and a bound on
@@ -79,8 +79,9 @@ class _Reader:
     times what it costs in a batch. So while changes come close together (a batch ended
     less than two ``linger`` periods after the one before), the reader stops watching the
     socket for ``linger`` seconds after each batch and then reads what gathered: at a
-    thousand changes a second, a wake-up per two or three changes instead of one per
-    change, for at most ``linger`` more latency. Changes that come apart are read at once.
+    thousand changes a second and the default 5 ms, a wake-up per five changes or so
+    instead of one per change, for at most ``linger`` more latency. Changes that come
+    apart are read at once.
     """
 
     def __init__(

@@ -148,7 +148,7 @@ class Consumer:
         #: the stream has been live at least once (errors before that end the service)
         self.started = False
         self._repl: ReplicationConnection | None = None
-        #: the connection of the catalog looks, kept between them (see ``_admin``)
+        #: the connection of the catalog looks, kept between them (see ``_look``)
         self._look_conn: Conn | None = None
         self._look_lock = anyio.Lock()
         self._slot_created = False
@@ -366,23 +366,26 @@ class Consumer:
         in the server) and dropped after anything goes wrong; a look on a kept connection that
         the server has closed meanwhile is made again on a new one."""
         async with self._look_lock:
-            for kept in (True, False):
-                conn = self._look_conn if kept else None
-                if conn is None or conn.closed:
-                    kept = False
-                    conn = await psycopg.AsyncConnection.connect(
-                        self.options.dsn, autocommit=True, connect_timeout=10
-                    )
-                    self._look_conn = conn
+            kept = self._look_conn
+            if kept is not None and not kept.closed:
                 try:
-                    return await work(conn)
-                except BaseException as exc:
-                    self._look_conn = None
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-                    if not (kept and isinstance(exc, psycopg.OperationalError)):
-                        raise
-            raise AssertionError("unreachable: the second look raises or returns")
+                    return await self._look_on(kept, work)
+                except psycopg.OperationalError:
+                    pass  # closed by the server meanwhile: once more, on a new connection
+            conn = await psycopg.AsyncConnection.connect(
+                self.options.dsn, autocommit=True, connect_timeout=10
+            )
+            self._look_conn = conn
+            return await self._look_on(conn, work)
+
+    async def _look_on(self, conn: Conn, work: Callable[[Conn], Awaitable[T]]) -> T:
+        try:
+            return await work(conn)
+        except BaseException:
+            self._look_conn = None
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
 
     async def _learn(self, need: NeedsCatalog) -> None:
         """Look at the catalog for what the stream cannot say: a relation it has not seen, a
