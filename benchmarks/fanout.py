@@ -773,10 +773,16 @@ def storm_phase(
     live_at = stopped_at + live_wall + int(live.group(2)) / 1000 - stopped_wall
     reached: list[float] = []
     bounds: list[float] = []
+    #: from the attempt that got through to the current state: the wait the service added
+    served: list[float] = []
     attempts = 0
     for path in paths:
         data = json.loads(path.read_text())
         reached += [float(t) for t in data["reached"].values()]
+        for index, t in data["reached"].items():
+            tries = [a for a in data["attempts"].get(index, []) if a <= t]
+            if tries:
+                served.append(float(t) - tries[-1])
         for tries in data["attempts"].values():
             attempts += len(tries)
             after = [t for t in tries if t >= listening_at]
@@ -795,6 +801,8 @@ def storm_phase(
         "p50_current_s": round(percentile(back, 0.5), 2),
         "p99_current_s": round(percentile(back, 0.99), 2),
         "retry_bound_s": round(max(bounds) - stopped_at, 2) if bounds else None,
+        "p50_served_ms": round(percentile(served, 0.5) * 1000, 1) if served else None,
+        "p99_served_ms": round(percentile(served, 0.99) * 1000, 1) if served else None,
         "attempts": attempts,
         "cpu_s": round(cpu_s, 2),
         "cpu_ms_per_reconnect": round(cpu_s / max(1, got) * 1000, 3),
@@ -804,7 +812,8 @@ def storm_phase(
         f" restart began (p50 {record['p50_current_s']} s); the retry waits alone allow"
         f" {record['retry_bound_s']} s; the service was listening after"
         f" {record['restart_listening_s']} s and live after {record['restart_live_s']} s;"
-        f" {record['cpu_ms_per_reconnect']} ms CPU per reconnect"
+        f" from its attempt to the current state p50 {record['p50_served_ms']} ms, p99"
+        f" {record['p99_served_ms']} ms; {record['cpu_ms_per_reconnect']} ms CPU per reconnect"
     )
     return record, restarted
 

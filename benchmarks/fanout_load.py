@@ -5,8 +5,10 @@ Driven by JSON lines on stdin, answering with JSON lines on stdout:
   {"cmd": "record"}                 forget what was received so far, start recording events
   {"cmd": "collect", "path": P}     write the recorded events to P as JSON
   {"cmd": "reconnect", "target": L} from now on, reconnect every stream that ends as badges.js
-                                    does (a ticket, then the stream; waits of 1 s, 2, 4, ... up
-                                    to 30 s, each +-10 %, back to 1 s after an event)
+                                    does: when the service's ``reconnect`` event said, with the
+                                    ticket it gave (one request); else, and after a failure, a
+                                    ticket and then the stream, after waits of 1 s, 2, 4, ... up
+                                    to 30 s, each +-10 %
   {"cmd": "storm", "path": P, "timeout": S}
                                     answer once every stream has the current state again (an
                                     event at LSN >= L, or the service saying it is live) or after
@@ -93,6 +95,10 @@ class SSEStream(asyncio.Protocol):
         self._chunks = b""
         self._text = b""
         self._in_body = False
+        #: what the service's ``reconnect`` event said: when to come back, and with which ticket
+        self.come_back: tuple[float, str | None] | None = None
+        #: whether the service answered (an HTTP head came back)
+        self.answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -112,6 +118,7 @@ class SSEStream(asyncio.Protocol):
             return False
         body, self._head = self._head[end + 4 : end + 4 + length], self._head[end + 4 + length :]
         self.ticket_request = None
+        self.answered = True
         if not head.startswith(b"HTTP/1.1 200"):
             self.recorder.failed += 1
             if not self.ready.done():
@@ -145,6 +152,7 @@ class SSEStream(asyncio.Protocol):
             head, data = self._head[:end], self._head[end + 4 :]
             self._head = b""
             self._in_body = True
+            self.answered = True
             if not head.startswith(b"HTTP/1.1 200"):
                 self.recorder.failed += 1
                 if not self.ready.done():
@@ -182,6 +190,10 @@ class SSEStream(asyncio.Protocol):
             # service is live, and the state shown is current.
             if recorder.target is not None and b'"live":true' in block:
                 recorder.reached.setdefault(self.index, now)
+            return
+        if b"event: reconnect" in block:
+            data = json.loads(block[block.index(b"data: ") + 6 :])
+            self.come_back = (data["retry_ms"] / 1000, data.get("ticket"))
             return
         if b"event: badges" not in block:
             return
@@ -278,28 +290,46 @@ class Load:
     def _ended(self, stream: SSEStream) -> None:
         with contextlib.suppress(ValueError):
             self.streams.remove(stream)
-        task = asyncio.get_running_loop().create_task(self._come_back(stream.index))
+        task = asyncio.get_running_loop().create_task(
+            self._come_back(stream.index, stream.come_back)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _come_back(self, index: int) -> None:
+    async def _come_back(self, index: int, told: tuple[float, str | None] | None) -> None:
+        """As badges.js: when the service said, with the ticket it gave (one request) until
+        the service answers without taking it; else after the backoff, each attempt with a
+        ticket for the token."""
         loop = asyncio.get_running_loop()
         delay = 0.0
         token = mint_token(self.secret, user_id(index), ttl=6 * 3600, audience=AUDIENCE)
         attempts = self.recorder.attempts.setdefault(index, [])
+        host = f"Host: {self.host}:{self.port}\r\n"
+        stream_request = (
+            f"GET /v1/badges/stream?ticket={{ticket}} HTTP/1.1\r\n{host}"
+            "Accept: text/event-stream\r\n\r\n"
+        )
+        given = told[1] if told is not None else None
         while True:
-            delay = MIN_DELAY_S if not delay else min(delay * 2, MAX_DELAY_S)
-            await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+            if told is not None:
+                wait, told = told[0], None
+            else:
+                delay = MIN_DELAY_S if not delay else min(delay * 2, MAX_DELAY_S)
+                wait = delay * random.uniform(0.9, 1.1)
+            await asyncio.sleep(wait)
             attempts.append(time.monotonic())
-            host = f"Host: {self.host}:{self.port}\r\n"
-            stream = SSEStream(
-                index,
-                f"GET /v1/badges/stream?ticket={{ticket}} HTTP/1.1\r\n{host}"
-                "Accept: text/event-stream\r\n\r\n".encode(),
-                self.recorder,
-                ticket_request=f"POST /v1/badges/ticket HTTP/1.1\r\n{host}"
-                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode(),
-            )
+            if given is not None:
+                stream = SSEStream(
+                    index, stream_request.replace("{ticket}", given).encode(), self.recorder
+                )
+            else:
+                stream = SSEStream(
+                    index,
+                    stream_request.encode(),
+                    self.recorder,
+                    ticket_request=f"POST /v1/badges/ticket HTTP/1.1\r\n{host}"
+                    f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode(),
+                )
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda s=stream: s, self.host, self.port),  # type: ignore[misc]
@@ -313,6 +343,8 @@ class Load:
                 stream.on_end = self._ended
                 self.streams.append(stream)
                 return
+            if stream.answered:
+                given = None  # the service did not take the ticket: come back the usual way
             stream.close()
 
     async def storm(self, path: str, timeout: float) -> dict[str, Any]:

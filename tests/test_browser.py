@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from replicator.ops.demo import CONTACTS, DEMO_USER
@@ -180,6 +183,8 @@ def test_page_follows_changes_and_recovers_after_a_restart(database: Database, p
 
         page.evaluate("window.sameDocument = true")
         port = str(urlsplit(service.url).port)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url) if "/v1/badges" in r.url else None)
         assert service.stop() == 0
         expect(app).to_have_attribute("data-state", "stale")
         expect(app.get_by_test_id("stale-notice")).to_be_visible()
@@ -200,6 +205,46 @@ def test_page_follows_changes_and_recovers_after_a_restart(database: Database, p
         expect(total_missed(page)).to_have_text("0")
         expect(app.get_by_test_id("stale-notice")).to_be_hidden()
         assert page.evaluate("window.sameDocument") is True
+        # Each device came back with the ticket the service handed it as it shut down, its
+        # stream in one request: no new ticket was asked for.
+        paths = [urlsplit(url).path for url in requests]
+        assert "/v1/badges/ticket" not in paths
+        assert paths.count("/v1/badges/stream") >= 2
+        assert all("ticket=" in url for url in requests if "/stream" in url)
+    finally:
+        service.stop()
+
+
+def test_a_ticket_the_next_instance_does_not_take_means_coming_back_the_usual_way(
+    database: Database, page: Page
+) -> None:
+    """The restarted service signs tickets with another secret (rotated), so the ticket
+    handed out at shutdown is refused: the page gets a new one with its token."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    env = {**DEMO, "REPLICATOR_JWT_PUBLIC_KEY": pem.decode()}
+    now = int(time.time())
+    claims = {"sub": DEMO_USER, "aud": "authenticated", "iat": now, "exp": now + 3600}
+    token = jwt.encode(claims, key, "ES256")
+    service = start_service(database.dsn, database.slot, env=env)
+    try:
+        page.goto(f"{service.url}/#access_token={token}", wait_until="domcontentloaded")
+        app = device(page, "a")
+        expect(app).to_have_attribute("data-state", "live")
+        answers: list[tuple[str, int]] = []
+        page.on("response", lambda r: answers.append((urlsplit(r.url).path, r.status)))
+        port = str(urlsplit(service.url).port)
+        assert service.stop() == 0
+        message(database.dsn, MOM)
+        rotated = {**env, "REPLICATOR_PORT": port, "REPLICATOR_JWT_SECRET": "r" * 40}
+        service = start_service(database.dsn, database.slot, env=rotated)
+        expect(unread(page, MOM).locator(".count")).to_have_text("1")
+        expect(app).to_have_attribute("data-state", "live")
+        # the handed ticket was refused, the token was good: a new ticket, then the stream
+        assert ("/v1/badges/stream", 401) in answers
+        assert ("/v1/badges/ticket", 200) in answers
     finally:
         service.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 
 import anyio
 import httpx
@@ -11,7 +12,13 @@ import psycopg
 import pytest
 
 from tests.conftest import Database
-from tests.service_support import RunningService, open_stream, running_service
+from tests.service_support import (
+    EventReader,
+    RunningService,
+    open_stream,
+    running_service,
+    start_service,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -173,3 +180,62 @@ async def test_health_ready_and_metrics(service: RunningService) -> None:
         "replicator_snapshot_duration_seconds",
     ):
         assert name in metrics
+
+
+async def test_a_restart_tells_each_stream_when_to_come_back_and_with_which_ticket(
+    database: Database,
+) -> None:
+    users = [str(uuid.uuid4()) for _ in range(6)]
+    # six streams at ten a second: told to come back over 0.6 s, from 1 s on
+    service = start_service(database.dsn, database.slot, env={"REPLICATOR_RECONNECT_RATE": "10"})
+    told: dict[str, dict[str, object]] = {}
+
+    async def last_event(user: str, stream: EventReader) -> None:
+        event = await stream.next()
+        while event.event != "reconnect":
+            event = await stream.next()
+        told[user] = event.data
+        assert stream.retry == event.data["retry_ms"]  # for a plain EventSource too
+        with pytest.raises(AssertionError, match="stream ended"):
+            await stream.next()
+
+    try:
+        async with AsyncExitStack() as streams:
+            readers = [
+                await streams.enter_async_context(open_stream(service.url, service.token(u)))
+                for u in users
+            ]
+            for reader in readers:
+                await reader.next_badges()
+            async with anyio.create_task_group() as tg:
+                for user, reader in zip(users, readers, strict=True):
+                    tg.start_soon(last_event, user, reader)
+                await anyio.to_thread.run_sync(service.stop)
+    finally:
+        service.stop()
+    assert set(told) == set(users)
+    for data in told.values():
+        assert data["reason"] == "shutdown"
+        assert isinstance(data["retry_ms"], int) and 1000 <= data["retry_ms"] <= 1600
+        assert isinstance(data["ticket"], str)
+
+    # While the service is down, a message; the instance that answers next shares the secret.
+    sql(
+        database.dsn,
+        "INSERT INTO messages (sender_id, recipient_id) VALUES (%s, %s)",
+        BOB,
+        users[0],
+    )
+    with running_service(database.dsn, database.slot) as again:
+        ticket = str(told[users[0]]["ticket"])
+        # the ticket alone opens the user's stream: one request, no token
+        async with open_stream(again.url, None, params={"ticket": ticket}) as back:
+            state = await back.until(lambda d: d["unread_messages"] == {BOB: 1})
+            assert state.data["user_id"] == users[0]
+        with pytest.raises(AssertionError, match="401"):
+            async with open_stream(again.url, None, params={"ticket": ticket}):
+                pass  # each ticket works once
+        async with open_stream(
+            again.url, None, params={"ticket": str(told[users[1]]["ticket"])}
+        ) as other:
+            assert (await other.next_badges()).data["user_id"] == users[1]

@@ -13,6 +13,8 @@ from replicator.fanout.hub import (
     HEARTBEAT,
     MAX_PENDING,
     REAUTHENTICATE,
+    RECONNECT_AFTER_S,
+    RECONNECT_TICKET_S,
     HeartbeatWheel,
     Hub,
     LimitExceeded,
@@ -262,6 +264,67 @@ def test_shares_per_user_address_anonymous_and_the_reserve() -> None:
         "capacity": 1,
         "shutdown": 1,
     }
+
+
+def parse_block(data: bytes) -> dict[str, str]:
+    """The fields of one SSE block."""
+    text = data.decode()
+    assert text.endswith("\n\n") and text.count("\n\n") == 1, text
+    return dict(line.split(": ", 1) for line in text[:-2].split("\n"))
+
+
+def test_shutdown_spreads_the_returns_over_what_the_rate_takes_and_hands_tickets() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state, max_per_user=5)
+    subs = [hub.subscribe(f"u{i % 50}") for i in range(200)]
+    # one stream has a change pending: the client gets the whole state when it is back
+    put(state, "u1", [{"a": 1}, {}])
+    hub.publish(0x10, {"u1": [{"a": 1}, {}]})
+    asked: dict[str, float] = {}
+
+    def ticket(sub: Subscriber, valid_s: float) -> str | None:
+        asked[sub.user] = valid_s
+        return None if sub.user == "u7" else f"ticket-{sub.user}"
+
+    hub.close(rate=100.0, ticket=ticket)  # 200 streams at 100/s: over 2 s
+    waits = []
+    for sub in subs:
+        data = sub.take()
+        assert data is not None and sub.closed
+        fields = parse_block(data)
+        assert fields["event"] == "reconnect" and "id" not in fields
+        body = json.loads(fields["data"])
+        assert body["reason"] == "shutdown"
+        assert int(fields["retry"]) == body["retry_ms"]
+        waits.append(body["retry_ms"] / 1000)
+        assert body.get("ticket") == (None if sub.user == "u7" else f"ticket-{sub.user}")
+        assert sub.take() is None  # nothing after it: the stream ends
+    assert all(RECONNECT_AFTER_S <= w <= RECONNECT_AFTER_S + 2.0 for w in waits)
+    # spread over the whole span, not bunched: each half second gets some
+    assert {int((w - RECONNECT_AFTER_S) * 2) for w in waits} >= {0, 1, 2, 3}
+    # each ticket lasts its wait and then some
+    assert all(v >= RECONNECT_AFTER_S + RECONNECT_TICKET_S for v in asked.values())
+    # a second close (the lifespan's, after the server's) says nothing more
+    hub.close(rate=1.0, ticket=ticket)
+    assert all(sub.take() is None for sub in subs)
+
+
+def test_a_stream_in_the_middle_of_a_write_ends_with_the_reconnect_event_after_it() -> None:
+    state = empty_state(DEFAULT_SPECS)
+    hub = Hub(lambda: state)
+    written: list[bytes] = []
+    idle, busy = hub.subscribe("a"), hub.subscribe("b")
+    for sub in (idle, busy):
+        sub.direct = lambda data: written.append(data) is None
+    hub.writing(busy, 5.0)
+    hub.close()
+    # the idle stream's connection took it at once; the busy one's waits for its write
+    assert len(written) == 1 and parse_block(written[0])["event"] == "reconnect"
+    assert idle.take() is None and idle.closed
+    hub.written(busy)
+    data = busy.take()
+    assert data is not None and parse_block(data)["event"] == "reconnect"
+    assert busy.take() is None
 
 
 def test_blocked_streams_are_counted_as_writes_start_and_end() -> None:

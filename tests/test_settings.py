@@ -26,6 +26,7 @@ BAD = [
     ("REPLICATOR_MAX_STREAMS_PER_USER", "0"),
     ("REPLICATOR_HEARTBEAT_S", "-1"),
     ("REPLICATOR_LINGER_MS", "500"),
+    ("REPLICATOR_RECONNECT_RATE", "0"),
     ("REPLICATOR_DEMO_TRAFFIC", "maybe"),
     ("REPLICATOR_DEMO", "sometimes"),
     ("DATABASE_URL", "mysql://localhost/db"),

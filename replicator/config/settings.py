@@ -36,6 +36,8 @@ class Settings:
     send_timeout_s: float = 30.0
     #: how long changes arriving close together may wait to be read together
     linger_ms: float = 5.0
+    #: streams per second one instance takes back after a restart (paces the reconnects)
+    reconnect_rate: float = 2000.0
     demo_traffic: bool | None = None
     log_level: str = "INFO"
     jwks_url: str | None = None
@@ -92,6 +94,7 @@ ENV: dict[str, str] = {
     "heartbeat_s": "REPLICATOR_HEARTBEAT_S",
     "send_timeout_s": "REPLICATOR_SEND_TIMEOUT_S",
     "linger_ms": "REPLICATOR_LINGER_MS",
+    "reconnect_rate": "REPLICATOR_RECONNECT_RATE",
     "demo_traffic": "REPLICATOR_DEMO_TRAFFIC",
     "log_level": "REPLICATOR_LOG_LEVEL",
     "jwks_url": "REPLICATOR_JWKS_URL",
@@ -261,6 +264,8 @@ def _parse(key: str, text: str) -> Any:
         return _float(name, text, 0.1, 3600)
     if key == "linger_ms":
         return _float(name, text, 0, 100)
+    if key == "reconnect_rate":
+        return _float(name, text, 10, 1_000_000)
     if key in ("demo_traffic", "demo"):
         return _bool(name, text)
     if key == "data_dir":

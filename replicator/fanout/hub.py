@@ -20,6 +20,11 @@ collect; first beats are placed at random, so streams opened together never beat
 The same look ends a stream whose token has expired, so expiry costs a stream one number,
 not a timer. Streams stuck in a write are kept apart, and checked on every tick.
 
+Shutdown tells every stream when to come back (``Hub.close``): a ``reconnect`` event whose
+``retry_ms`` is spread over as long as taking them all back takes at ``reconnect_rate``, with
+a ticket for the return when the tickets outlive the process. So after a restart the crowd
+returns at the pace the service can take it, each client with one request.
+
 Shares: limits per user, per client address and for anonymous sign-ins keep one party from
 taking every stream, and the last ``reserved`` places under the cap go only to users who
 are connected or were a moment ago, so their reconnects are served when the cap is near.
@@ -60,6 +65,10 @@ REFUSALS = ("user", "address", "anonymous", "reserve", "capacity", "shutdown")
 MAX_PENDING = 16
 #: ``?events=`` values: changes after the first state (the default), or whole states only
 EVENT_MODES = ("changes", "full")
+#: the soonest a stream is told to come back after a shutdown (the retry badges.js starts at)
+RECONNECT_AFTER_S = 1.0
+#: how much longer than its wait a ticket for coming back stays valid
+RECONNECT_TICKET_S = 30.0
 
 
 class LimitExceeded(Exception):
@@ -108,6 +117,16 @@ def encode_event(kind: str, payload: dict[str, object]) -> bytes:
 def encode_badges_event(user: str, state: BadgeState) -> bytes:
     """The SSE bytes of a user's state, encoded once and shared by all the user's streams."""
     return encode_event("badges", badges_payload(user, state))
+
+
+def encode_reconnect_event(retry_ms: int, ticket: str | None) -> bytes:
+    """The last event of a stream ended by shutdown: come back in ``retry_ms`` (``retry:`` for
+    a plain ``EventSource``, the same in the data for badges.js), with ``ticket`` if given."""
+    payload: dict[str, object] = {"reason": "shutdown", "retry_ms": retry_ms}
+    if ticket is not None:
+        payload["ticket"] = ticket
+    data = json.dumps(payload, separators=(",", ":"))
+    return f"retry: {retry_ms}\nevent: reconnect\ndata: {data}\n\n".encode()
 
 
 def encode_status_event(live: bool, lag_ms: int) -> bytes:
@@ -164,6 +183,7 @@ class Subscriber:
         "direct",
         "expired",
         "expires_at",
+        "farewell",
         "full",
         "heartbeat",
         "last_sent",
@@ -192,6 +212,8 @@ class Subscriber:
         #: monotonic time at which the token ends the stream
         self.expires_at = expires_at
         self.expired = False
+        #: the last event, then the stream ends (shutdown)
+        self.farewell: bytes | None = None
         #: whole states only (``?events=full``)
         self.whole = whole
         #: the next event is the whole state, encoded when it is sent
@@ -244,6 +266,15 @@ class Subscriber:
     def expire(self) -> None:
         """The token has expired: say so, then end the stream."""
         self.expired = True
+        self.notify()
+
+    def end_with(self, event: bytes) -> None:
+        """End the stream with ``event`` (shutdown). What is pending is dropped: the client
+        gets the whole state when it comes back."""
+        self.full, self.changes, self.status, self.heartbeat = False, None, None, False
+        if not self._now(event):
+            self.farewell = event
+        self.closed = True
         self.notify()
 
     def _now(self, data: bytes) -> bool:
@@ -320,6 +351,12 @@ class Subscriber:
 
     def take(self) -> bytes | None:
         """What to write next: pending events, else a due heartbeat, else nothing."""
+        farewell = self.farewell
+        if farewell is not None:
+            self.farewell = None
+            self.expired = self.heartbeat = self.full = False
+            self.changes = self.status = None
+            return farewell
         if self.expired:
             # Nothing pending is lost: the client gets the whole state when it reconnects.
             self.expired = self.heartbeat = False
@@ -691,10 +728,24 @@ class Hub:
             for wheel in wheels:
                 wheel.turn(now)
 
-    def close(self) -> None:
-        """End every stream promptly (shutdown)."""
+    def close(
+        self,
+        *,
+        rate: float = math.inf,
+        ticket: Callable[[Subscriber, float], str | None] | None = None,
+    ) -> None:
+        """End every stream promptly (shutdown), each told when to come back: at random
+        over the time taking every stream back takes at ``rate`` streams a second, from
+        ``RECONNECT_AFTER_S`` on; ``ticket(sub, seconds)`` gives one valid that long for the
+        return, or None. Only the first call does anything."""
+        if self._closed:
+            return
         self._closed = True
+        spread = self._count / rate
+        uniform = random.uniform
         for subs in self._by_user.values():
             for sub in subs:
-                sub.close()
-        logger.info("closing %d open streams", self._count)
+                wait = RECONNECT_AFTER_S + uniform(0.0, spread)
+                given = ticket(sub, wait + RECONNECT_TICKET_S) if ticket is not None else None
+                sub.end_with(encode_reconnect_event(round(wait * 1000), given))
+        logger.info("closing %d open streams, told to come back over %.1f s", self._count, spread)

@@ -40,6 +40,8 @@ _HELP = {
     " stream is closed (default 30)",
     "linger_ms": "milliseconds changes arriving close together (more than 100 a second) may"
     " wait to be read together; 0 reads each at once (default 5)",
+    "reconnect_rate": "streams per second this instance can take back: at shutdown each stream"
+    " is told when to come back, spread so that they return at this rate (default 2000)",
     "demo_traffic": "write a slow trickle of demo changes (default: on with the embedded database)",
     "log_level": "debug, info, warning or error (default info)",
     "jwks_url": "JWKS URL of your identity provider (Supabase signing keys, Auth0, Clerk,"

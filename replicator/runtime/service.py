@@ -46,14 +46,16 @@ logger = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, ending every open stream as soon as shutdown starts."""
+    """uvicorn, ending every open stream as soon as shutdown starts, each told when to come
+    back and given a ticket to come back with."""
 
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
         self._service = service
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._service.hub.close()
+        service = self._service
+        service.hub.close(rate=service.settings.reconnect_rate, ticket=service.web.return_ticket)
         await super().shutdown(sockets)
 
 

@@ -6,6 +6,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from replicator.fanout.hub import (
     EVENT_MODES,
     Hub,
     LimitExceeded,
+    Subscriber,
     badges_payload,
     encode_status_event,
 )
@@ -370,6 +372,21 @@ class BadgeApp:
         return JSONResponse(
             {"ticket": ticket, "expires_in": expires_in}, headers={"Cache-Control": "no-store"}
         )
+
+    def return_ticket(self, sub: Subscriber, valid_s: float) -> str | None:
+        """A ticket for coming back after a restart (``Hub.close``), valid ``valid_s``
+        seconds; None when tickets do not outlive this process (no HS256 secret) or the
+        stream's token has expired."""
+        if not self.tickets.shared:
+            return None
+        expires = sub.expires_at
+        if expires != math.inf:
+            expires = time.time() + (expires - time.monotonic())
+        identity = Identity(sub.user, False, expires, sub.anonymous)
+        try:
+            return self.tickets.issue(identity, ttl=valid_s)[0]
+        except AuthError:
+            return None
 
     async def all_badges(self, request: Request, identity: Identity) -> Response:
         if not identity.admin:

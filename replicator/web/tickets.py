@@ -3,7 +3,14 @@
 URLs end up in proxy and access logs; a ticket found there is useless a few seconds later
 and opens one stream at most. A ticket is signed rather than stored, so minting one costs
 no memory; only used tickets are remembered, until they expire. Its key comes from the HS256
-secret when there is one, so instances sharing that secret accept each other's tickets.
+secret when there is one, so instances sharing that secret accept each other's tickets, and an
+instance accepts the tickets it handed out before a restart.
+
+At shutdown each stream is handed a ticket for coming back (``Hub.close``): it is valid until a
+little after the client is told to return, so a reconnect after a restart is one request,
+without the token. A ticket is remembered as used only by the instance that took it, so one
+seen in a log may be taken once by each other instance sharing the secret until it expires:
+that is why every ticket is short-lived.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class Tickets:
             self._key = hmac.new(secret.encode(), b"replicator stream ticket", "sha256").digest()
         else:
             self._key = secrets.token_bytes(32)
+        #: whether other instances, and this one after a restart, accept its tickets
+        self.shared = bool(secret)
         self.ttl = ttl
         #: nonce -> expiry of tickets already used, oldest first
         self._used: dict[str, float] = {}
@@ -45,10 +54,11 @@ class Tickets:
     def _mac(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
 
-    def issue(self, identity: Identity) -> tuple[str, int]:
-        """A ticket for the user, expiring with the token at the latest; and its lifetime."""
+    def issue(self, identity: Identity, ttl: float | None = None) -> tuple[str, int]:
+        """A ticket for the user, valid for ``ttl`` seconds (default: the tickets' own) and
+        expiring with the token at the latest; and its lifetime."""
         now = time.time()
-        expires = min(now + self.ttl, identity.expires)
+        expires = min(now + (self.ttl if ttl is None else ttl), identity.expires)
         if expires <= now:
             raise AuthError("token expired")
         fields = [

@@ -23,7 +23,10 @@
  * single-use ticket from POST /v1/badges/ticket, and the stream URL carries the ticket. When
  * the token expires the service ends the stream with `reauthenticate`: a token function is
  * asked for a fresh token and the client reconnects at once; a fixed token stops the client
- * with error "token expired".
+ * with error "token expired". When the service shuts down (a restart, a deploy) it ends the
+ * stream with `reconnect`, saying when to come back (spread so that a crowd returns at the pace
+ * the service can take) and usually handing a ticket for it: the client comes back then, with
+ * that ticket, in one request.
  */
 (function () {
   "use strict";
@@ -52,6 +55,8 @@
   // A wake-up this soon after an attempt started (and while it goes on) leaves it alone.
   const WAKE_AGAIN_MS = 1000;
   const OFFLINE = { connected: false, live: false };
+  // The longest wait before coming back after a shutdown that a service can ask for.
+  const LONGEST_COME_BACK_MS = 300000;
 
   const inWorker =
     typeof SharedWorkerGlobalScope === "function" && scope instanceof SharedWorkerGlobalScope;
@@ -167,6 +172,8 @@
       this._source = null;
       this._timer = null;
       this._delay = 0;
+      // a ticket the service handed out for coming back after its shutdown
+      this._resume = null;
       this._attempt = 0;
       this._openedAt = 0;
       this._closed = false;
@@ -221,19 +228,26 @@
       this._openedAt = performance.now();
       const url = new URL(this.options.url);
       let token;
-      try {
-        const found = await this._getToken();
-        if (attempt !== this._attempt) return;
-        token = found.token;
-        this._refreshable = found.refreshable;
-        if (token) {
-          const ticket = await this._ticket(url, token, attempt);
-          if (ticket === null) return;
-          url.searchParams.set("ticket", ticket);
+      // A ticket for coming back is kept until a stream opens with it or the service refuses
+      // it: a restart may take longer than the wait the service asked for.
+      const resume = this._resume;
+      if (resume) {
+        url.searchParams.set("ticket", resume);
+      } else {
+        try {
+          const found = await this._getToken();
+          if (attempt !== this._attempt) return;
+          token = found.token;
+          this._refreshable = found.refreshable;
+          if (token) {
+            const ticket = await this._ticket(url, token, attempt);
+            if (ticket === null) return;
+            url.searchParams.set("ticket", ticket);
+          }
+        } catch (err) {
+          if (attempt === this._attempt) this._stop(messageOf(err));
+          return;
         }
-      } catch (err) {
-        if (attempt === this._attempt) this._stop(messageOf(err));
-        return;
       }
       const source = new EventSource(url, { withCredentials: this.options.withCredentials });
       this._source = source;
@@ -245,6 +259,7 @@
       const current = () => this._source === source;
       source.addEventListener("open", () => {
         opened = true;
+        if (resume && this._resume === resume) this._resume = null; // used: single-use
       });
       source.addEventListener("status", (event) => {
         if (!current()) return;
@@ -274,6 +289,19 @@
         if (this._refreshable) this._open();
         else this._stop("token expired");
       });
+      source.addEventListener("reconnect", (event) => {
+        // The service is going away: come back when it says, with the ticket it gave.
+        if (!current()) return;
+        let data = null;
+        try {
+          data = JSON.parse(event.data);
+        } catch {
+          // come back as after any other drop
+        }
+        this._drop();
+        this._update(OFFLINE);
+        this._comeBack(data);
+      });
       source.addEventListener("error", () => {
         // EventSource retries network errors by itself, but gives up after an HTTP error:
         // take over both, so every retry follows one backoff and a refused token stops it.
@@ -281,7 +309,7 @@
         this._drop();
         this._update(OFFLINE);
         if (opened) this._retry();
-        else this._check(url, token);
+        else this._check(url, token, resume);
       });
     }
 
@@ -309,7 +337,7 @@
     }
 
     // The stream failed before it opened: ask the snapshot endpoint why.
-    async _check(url, token) {
+    async _check(url, token, resume) {
       const attempt = this._attempt;
       let status = 0;
       try {
@@ -319,7 +347,12 @@
         // the service is unreachable: retry
       }
       if (attempt !== this._attempt) return;
-      if (status === 401 || status === 403) this._stop("unauthorized");
+      if (resume) {
+        // A service that answers did not take the ticket (it expired, or this instance does
+        // not share the secret): no reason to doubt the token, just to come back as usual.
+        if (status && this._resume === resume) this._resume = null;
+        this._retry();
+      } else if (status === 401 || status === 403) this._stop("unauthorized");
       else this._retry();
     }
 
@@ -331,6 +364,21 @@
       const wait = this._delay * (0.9 + 0.2 * Math.random());
       clearTimeout(this._timer);
       this._timer = setTimeout(() => this._open(), wait);
+    }
+
+    // The service said when to come back (`retry_ms`), maybe with a ticket for it.
+    _comeBack(data) {
+      if (this._closed) return;
+      const wait = data && data.retry_ms;
+      if (!(Number.isFinite(wait) && wait >= 0)) {
+        this._retry();
+        return;
+      }
+      this._openedAt = 0;
+      this._delay = 0;
+      this._resume = typeof data.ticket === "string" ? data.ticket : null;
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => this._open(), Math.min(wait, LONGEST_COME_BACK_MS));
     }
 
     _stop(error) {
