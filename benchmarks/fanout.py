@@ -1045,10 +1045,16 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         if not st or "current_curve_s" not in st:
             continue
         storm.plot(
-            st["arrival_curve_s"], shares, color=color, ls="--", lw=1, label=f"{label}: came back"
+            st["current_curve_s"], shares, color=color, lw=3, label=f"{label}: current again"
         )
+        # drawn over it: where the two lines meet, no client waited for the service
         storm.plot(
-            st["current_curve_s"], shares, color=color, lw=2, label=f"{label}: current again"
+            st["arrival_curve_s"],
+            shares,
+            color="black" if found is ours else color,
+            ls="--",
+            lw=1,
+            label=f"{label}: came back",
         )
         storm.axvline(st["restart_live_s"], color=color, ls=":", lw=1)
     storm.set_xlabel("seconds after the restart began (dotted: the service live)")
