@@ -321,6 +321,11 @@ def test_a_stream_in_the_middle_of_a_write_ends_with_the_reconnect_event_after_i
     # the idle stream's connection took it at once; the busy one's waits for its write
     assert len(written) == 1 and parse_block(written[0])["event"] == "reconnect"
     assert idle.take() is None and idle.closed
+    # a commit before the streams' tasks have ended writes nothing after the last event
+    put(state, "a", [{"x": 1}, {}])
+    hub.publish(0x10, {"a": [{"x": 1}, {}]})
+    idle.beat()
+    assert len(written) == 1
     hub.written(busy)
     data = busy.take()
     assert data is not None and parse_block(data)["event"] == "reconnect"

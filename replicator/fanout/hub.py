@@ -279,10 +279,11 @@ class Subscriber:
 
     def _now(self, data: bytes) -> bool:
         """Write ``data`` at once, when nothing is waiting before it and the connection takes
-        it; whether it did."""
+        it; whether it did. Nothing goes after the end (a stream closed, or its last event)."""
         direct = self.direct
         if (
             direct is None
+            or self.closed
             or self.send_deadline
             or self.full
             or self.changes is not None
