@@ -209,7 +209,7 @@ def test_wheel_ends_a_stream_at_its_token_expiry() -> None:
         wheel.add(s, now=0.0)
         s.last_sent = 99.0  # recently written: no heartbeat due
     wheel.turn(now=99.5)
-    assert not sub.expired and sub.take() is None
+    assert sub.last is None and sub.take() is None  # not ended
     sub.full = True
     wheel.turn(now=100.0)
     # It replaces what was pending: the client reconnects for the whole state.
@@ -326,6 +326,7 @@ def test_a_stream_in_the_middle_of_a_write_ends_with_the_reconnect_event_after_i
     hub.publish(0x10, {"a": [{"x": 1}, {}]})
     idle.beat()
     assert len(written) == 1
+    assert idle.take() is None  # nor is it left for the stream's task to write
     hub.written(busy)
     data = busy.take()
     assert data is not None and parse_block(data)["event"] == "reconnect"

@@ -181,11 +181,10 @@ class Subscriber:
         "changes",
         "closed",
         "direct",
-        "expired",
         "expires_at",
-        "farewell",
         "full",
         "heartbeat",
+        "last",
         "last_sent",
         "send_deadline",
         "source",
@@ -211,9 +210,9 @@ class Subscriber:
         self.anonymous = anonymous
         #: monotonic time at which the token ends the stream
         self.expires_at = expires_at
-        self.expired = False
-        #: the last event, then the stream ends (shutdown)
-        self.farewell: bytes | None = None
+        #: the stream's last event (token expired, shutdown) while it waits to be written,
+        #: then b"" once it has been: nothing is written after it
+        self.last: bytes | None = None
         #: whole states only (``?events=full``)
         self.whole = whole
         #: the next event is the whole state, encoded when it is sent
@@ -265,15 +264,21 @@ class Subscriber:
 
     def expire(self) -> None:
         """The token has expired: say so, then end the stream."""
-        self.expired = True
-        self.notify()
+        self.end_with(REAUTHENTICATE)
 
     def end_with(self, event: bytes) -> None:
-        """End the stream with ``event`` (shutdown). What is pending is dropped: the client
-        gets the whole state when it comes back."""
+        """End the stream with ``event`` (token expired, shutdown); only the first last event
+        counts. What is pending is dropped: the client gets the whole state when it comes
+        back."""
+        if self.last is not None:
+            return
         self.full, self.changes, self.status, self.heartbeat = False, None, None, False
-        if not self._now(event):
-            self.farewell = event
+        if self._now(event):
+            self.last = b""
+            if self.source is not None:
+                self.source.stats.events_sent += 1
+        else:
+            self.last = event
         self.closed = True
         self.notify()
 
@@ -288,7 +293,6 @@ class Subscriber:
             or self.full
             or self.changes is not None
             or self.status is not None
-            or self.expired
             or not direct(data)
         ):
             return False
@@ -352,18 +356,12 @@ class Subscriber:
 
     def take(self) -> bytes | None:
         """What to write next: pending events, else a due heartbeat, else nothing."""
-        farewell = self.farewell
-        if farewell is not None:
-            self.farewell = None
-            self.expired = self.heartbeat = self.full = False
-            self.changes = self.status = None
-            return farewell
-        if self.expired:
-            # Nothing pending is lost: the client gets the whole state when it reconnects.
-            self.expired = self.heartbeat = False
-            self.closed = True
-            self.full, self.changes, self.status = False, None, None
-            return REAUTHENTICATE
+        last = self.last
+        if last is not None:
+            # Nothing pending is lost: the client gets the whole state when it comes back.
+            self.last = b""
+            self.full, self.changes, self.status, self.heartbeat = False, None, None, False
+            return last or None
         status = self.status
         badges: bytes | None = None
         if self.full:

@@ -25,7 +25,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from replicator.fanout.hub import HEARTBEAT, REAUTHENTICATE, Hub, Subscriber
+from replicator.fanout.hub import HEARTBEAT, Hub, Subscriber
 from replicator.web.headers import DATA_HEADERS
 
 RETRY_MS = 2000
@@ -208,5 +208,3 @@ class BadgeStreamResponse(Response):
             sub.last_sent = now
             if data is not HEARTBEAT:
                 stats.events_sent += 1
-                if data is REAUTHENTICATE:
-                    break
